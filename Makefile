@@ -1,0 +1,30 @@
+# Set-up is part of every target: a fresh machine needs only python3 (3.10+) and make.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test lint bench
+
+setup: $(VENV)/.installed
+
+# torch first, pinned to the CPU wheel (an unpinned torch pulls a multi-GB CUDA build);
+# MovieLens-100K comes inside the recbole wheel and is never committed (licence).
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q "ray[default,train,data,tune]==2.60.0" -e ".[test]"
+	$(BIN)/pip install -q --no-deps recbole==1.2.1
+	touch $@
+
+demo: setup
+	$(BIN)/raytrain-ctr demo
+
+lint: setup
+	$(BIN)/ruff check raytrain_ctr tests benchmarks examples
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/ingest.py

@@ -1,0 +1,139 @@
+"""A self-describing dataset directory: ``dataset.yaml``, one spec per domain, sharded Parquet.
+
+Layout written by ``synth`` and ``movielens`` (and expected from users)::
+
+    DIR/dataset.yaml
+    DIR/source.spec.yaml   DIR/source/{train,valid,test}/*.parquet
+    DIR/target.spec.yaml   DIR/target/{train,valid,test}/*.parquet
+
+``dataset.yaml``::
+
+    domains:
+      source: {spec: source.spec.yaml, path: source}
+      target: {spec: target.spec.yaml, path: target}
+    # or one Parquet dataset with a domain column for both:
+    #   target: {spec: target.spec.yaml, path: all, where: {domain: target}}
+
+DIR may be a local path or a URI that pyarrow understands (``s3://``, ``gs://``).
+"""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import pyarrow.fs as pafs
+import yaml
+
+from raytrain_ctr.spec import DomainSpec, SpecError, check_keys, merge_tables
+
+SPLITS = ("train", "valid", "test")
+_DOMAIN_KEYS = {"spec", "path", "where"}
+
+
+class DataError(ValueError):
+    """The data breaks the contract; the message names the file, column and rule."""
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and path for a local path or a URI."""
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), posixpath.abspath(uri)
+
+
+def join(root: str, *parts: str) -> str:
+    return posixpath.join(root.rstrip("/"), *parts)
+
+
+@dataclass(frozen=True)
+class Domain:
+    """One domain of a dataset: its spec, where its Parquet lies, and an optional row filter."""
+
+    name: str
+    spec: DomainSpec
+    path: str
+    where: dict = field(default_factory=dict)
+
+    @property
+    def columns(self) -> list[str]:
+        """Columns to read: the spec's plus the ``where`` filter's."""
+        return self.spec.columns + [c for c in self.where if c not in self.spec.columns]
+
+
+@dataclass(frozen=True)
+class CTRDataset:
+    """A loaded ``dataset.yaml``: domains by name, their files per split."""
+
+    root: str
+    domains: dict[str, Domain]
+
+    @classmethod
+    def load(cls, root: str) -> CTRDataset:
+        fs, base = resolve(root)
+        meta_path = join(base, "dataset.yaml")
+        try:
+            with fs.open_input_stream(meta_path) as f:
+                meta = yaml.safe_load(f.read())
+        except (OSError, FileNotFoundError) as e:
+            raise DataError(f"{meta_path}: not a raytrain-ctr dataset (cannot read dataset.yaml: {e})") from e
+        except yaml.YAMLError as e:
+            raise DataError(f"{meta_path}: invalid YAML: {e}") from e
+        if not isinstance(meta, dict) or not meta.get("domains"):
+            raise DataError(f"{meta_path}: needs a non-empty 'domains' mapping")
+        check_keys(meta, {"domains", "description"}, meta_path)
+        domains = {}
+        for name, d in meta["domains"].items():
+            where = f"{meta_path}: domains.{name}"
+            check_keys(d, _DOMAIN_KEYS, where)
+            for key in ("spec", "path"):
+                if key not in d:
+                    raise DataError(f"{where}: missing '{key}'")
+            spec_path = join(base, d["spec"])
+            try:
+                with fs.open_input_stream(spec_path) as f:
+                    spec = DomainSpec.from_dict(yaml.safe_load(f.read()), where=spec_path)
+            except (OSError, FileNotFoundError) as e:
+                raise DataError(f"{spec_path}: cannot read spec: {e}") from e
+            if spec.domain != name:
+                raise SpecError(f"{spec_path}: spec says domain '{spec.domain}' but dataset.yaml lists it as '{name}'")
+            domains[name] = Domain(name, spec, join(base, d["path"]), dict(d.get("where") or {}))
+        merge_tables([d.spec for d in domains.values()])  # shared tables must agree
+        return cls(root if "://" in root else base, domains)
+
+    @cached_property
+    def filesystem(self) -> pafs.FileSystem:
+        return resolve(self.root)[0]
+
+    def domain(self, name: str) -> Domain:
+        if name not in self.domains:
+            raise DataError(f"{self.root}: no domain '{name}' (has {sorted(self.domains)})")
+        return self.domains[name]
+
+    def files(self, domain: str, split: str) -> list[str]:
+        """Sorted Parquet files of one domain's split; raises if there are none."""
+        d = self.domain(domain)
+        path = join(d.path, split)
+        info = self.filesystem.get_file_info(path)
+        if info.type != pafs.FileType.Directory:
+            raise DataError(f"{path}: split '{split}' of domain '{domain}' does not exist")
+        sel = pafs.FileSelector(path, recursive=True)
+        files = sorted(
+            i.path for i in self.filesystem.get_file_info(sel)
+            if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+        )
+        if not files:
+            raise DataError(f"{path}: empty domain: no Parquet files for domain '{domain}', split '{split}'")
+        return files
+
+    def has_split(self, domain: str, split: str) -> bool:
+        return self.filesystem.get_file_info(join(self.domain(domain).path, split)).type == pafs.FileType.Directory
+
+
+def write_dataset_yaml(root: str, domains: dict[str, dict], description: str = "") -> None:
+    """Write ``dataset.yaml`` (domains: name -> {spec, path[, where]})."""
+    fs, base = resolve(root)
+    meta = {"description": description, "domains": domains} if description else {"domains": domains}
+    with fs.open_output_stream(join(base, "dataset.yaml")) as f:
+        f.write(yaml.safe_dump(meta, sort_keys=False).encode())

@@ -1,0 +1,214 @@
+"""Check Parquet data against its spec before training, and summarise it.
+
+Two levels: :func:`check_schema` reads only Parquet footers (cheap, run before every
+training stage); :func:`scan` streams every row of every file (one Ray task per file
+when Ray is running) and checks values: null or non-0/1 labels, nulls in id columns,
+negative ids, and it gathers the summary (rows, positive rate, cardinalities, list lengths).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from raytrain_ctr.data.dataset import SPLITS, CTRDataset, DataError, Domain
+from raytrain_ctr.spec import DomainSpec, FieldSpec
+
+MAX_ISSUES = 20
+
+
+def _is_int(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t)
+
+
+def _is_str(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_dictionary(t)
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t)
+
+
+def _type_rule(f: FieldSpec, t: pa.DataType) -> str | None:
+    """None if column type ``t`` fits field ``f``, else the rule it breaks."""
+    if f.type == "dense":
+        return None if (pa.types.is_floating(t) or _is_int(t)) else "a dense field must be a float or int column"
+    if f.type == "sequence":
+        if not _is_list(t):
+            return "a sequence field must be a list column"
+        t = t.value_type
+    ok = _is_int(t) or (f.ids in ("hash", "vocab") and _is_str(t))
+    if ok:
+        return None
+    what = "ints" if f.ids == "identity" else "ints or strings"
+    return f"ids '{f.ids}' need {what}, got {t}"
+
+
+def check_schema(domain: Domain, files: list[str], filesystem=None) -> None:
+    """Raise :class:`DataError` naming file, column and rule for the first schema mismatch."""
+    spec = domain.spec
+
+    def one(path: str) -> None:
+        try:
+            schema = pq.read_schema(path, filesystem=filesystem)
+        except Exception as e:  # pyarrow raises several types for unreadable files
+            raise DataError(f"{path}: unreadable Parquet file: {e}") from e
+        names = set(schema.names)
+        for col in domain.columns:
+            if col not in names:
+                raise DataError(f"{path}: missing column '{col}' required by the spec of domain '{spec.domain}'")
+        for f in spec.fields:
+            rule = _type_rule(f, schema.field(f.name).type)
+            if rule:
+                raise DataError(f"{path}: column '{f.name}' has type {schema.field(f.name).type}: {rule}")
+        lt = schema.field(spec.label).type
+        if not (_is_int(lt) or pa.types.is_boolean(lt) or pa.types.is_floating(lt)):
+            raise DataError(f"{path}: label column '{spec.label}' has type {lt}: a label must be int, bool or float")
+        if spec.time and not (_is_int(schema.field(spec.time).type) or
+                              pa.types.is_timestamp(schema.field(spec.time).type)):
+            raise DataError(f"{path}: time column '{spec.time}' must be int (unix seconds) or timestamp")
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, files))
+
+
+@dataclass
+class FileStats:
+    """What one file contributes to the summary, and the rules it breaks."""
+
+    rows: int = 0
+    positives: int = 0
+    nulls: dict[str, int] = field(default_factory=dict)
+    uniques: dict[str, np.ndarray] = field(default_factory=dict)
+    list_len: dict[str, list[int]] = field(default_factory=dict)  # [min, max, sum]
+    issues: list[str] = field(default_factory=list)
+
+    def merge(self, o: FileStats) -> FileStats:
+        self.rows += o.rows
+        self.positives += o.positives
+        for k, v in o.nulls.items():
+            self.nulls[k] = self.nulls.get(k, 0) + v
+        for k, v in o.uniques.items():
+            self.uniques[k] = np.union1d(self.uniques[k], v) if k in self.uniques else v
+        for k, (lo, hi, s) in o.list_len.items():
+            a = self.list_len.setdefault(k, [lo, hi, 0])
+            a[0], a[1], a[2] = min(a[0], lo), max(a[1], hi), a[2] + s
+        self.issues += o.issues
+        return self
+
+
+def _where_mask(table: pa.Table, where: dict) -> pa.Array | None:
+    mask = None
+    for col, value in where.items():
+        m = pc.equal(table.column(col), pa.scalar(value))
+        mask = m if mask is None else pc.and_(mask, m)
+    return mask
+
+
+def scan_file(path: str, spec: DomainSpec, where: dict, filesystem=None) -> FileStats:
+    """Stream one file's row groups and check every value."""
+    st = FileStats()
+    cols = spec.columns + [c for c in where if c not in spec.columns]
+    pf = pq.ParquetFile(path, filesystem=filesystem)
+    for rb in pf.iter_batches(batch_size=65_536, columns=cols):
+        t = pa.Table.from_batches([rb])
+        if where:
+            t = t.filter(_where_mask(t, where))
+        st.rows += t.num_rows
+        label = t.column(spec.label)
+        if label.null_count:
+            st.issues.append(f"{path}: column '{spec.label}': {label.null_count} null labels (labels are required)")
+        lab = pc.cast(label.drop_null(), pa.float64()).to_numpy()
+        bad = ~np.isin(lab, (0.0, 1.0))
+        if bad.any():
+            st.issues.append(f"{path}: column '{spec.label}': label {float(lab[bad][0])} outside {{0, 1}} "
+                             f"({int(bad.sum())} rows)")
+        st.positives += int((lab == 1).sum())
+        for f in spec.fields:
+            col = t.column(f.name)
+            if col.null_count:
+                st.nulls[f.name] = st.nulls.get(f.name, 0) + col.null_count
+                if f.is_sparse and f.ids == "identity":
+                    st.issues.append(f"{path}: column '{f.name}': {col.null_count} nulls in an id field "
+                                     "(use 0 for 'unknown' or ids: hash)")
+            if not f.is_sparse:
+                continue
+            values = col
+            if f.type == "sequence":
+                arr = col.combine_chunks()
+                lengths = pc.list_value_length(arr).fill_null(0).to_numpy()
+                if len(lengths):
+                    prev = st.list_len.get(f.name, [int(lengths.min()), int(lengths.max()), 0])
+                    st.list_len[f.name] = [min(prev[0], int(lengths.min())), max(prev[1], int(lengths.max())),
+                                           prev[2] + int(lengths.sum())]
+                values = pc.list_flatten(arr)
+            values = values.drop_null()
+            if f.ids == "identity" and len(values):
+                mn = pc.min(values).as_py()
+                if mn is not None and mn < 0:
+                    st.issues.append(f"{path}: column '{f.name}': negative id {mn} (ids must be non-negative)")
+            u = pc.unique(values).to_numpy(zero_copy_only=False)
+            st.uniques[f.name] = np.union1d(st.uniques[f.name], u) if f.name in st.uniques else u
+    return st
+
+
+def _scan_all(tasks: list[tuple[str, DomainSpec, dict]], filesystem) -> list[FileStats]:
+    import ray
+
+    if not ray.is_initialized() or len(tasks) < 2:
+        return [scan_file(p, s, w, filesystem) for p, s, w in tasks]
+    remote = ray.remote(num_cpus=1)(scan_file)
+    return ray.get([remote.remote(p, s, w, filesystem) for p, s, w in tasks])
+
+
+@dataclass
+class SplitSummary:
+    domain: str
+    split: str
+    files: int
+    rows: int
+    positive_rate: float
+    cardinality: dict[str, int]
+    nulls: dict[str, int]
+    list_len: dict[str, dict[str, float]]
+
+    def line(self) -> str:
+        card = ", ".join(f"{k}={v}" for k, v in self.cardinality.items())
+        lists = ", ".join(f"{k}: {v['min']}-{v['max']} (mean {v['mean']:.1f})" for k, v in self.list_len.items())
+        nulls = ", ".join(f"{k}={v}" for k, v in self.nulls.items() if v) or "none"
+        return (f"{self.domain}/{self.split}: {self.rows:,} rows in {self.files} files, positive rate "
+                f"{self.positive_rate:.4f}\n    cardinality: {card}\n    list lengths: {lists or '-'}\n"
+                f"    nulls: {nulls}")
+
+
+def validate(dataset: CTRDataset, splits: tuple[str, ...] = SPLITS) -> list[SplitSummary]:
+    """Check every domain and split; return summaries or raise one DataError listing the problems."""
+    out, issues = [], []
+    for name, dom in dataset.domains.items():
+        present = [s for s in splits if dataset.has_split(name, s)]
+        if "train" in splits and "train" not in present:
+            raise DataError(f"{dom.path}: domain '{name}' has no 'train' split")
+        for split in present:
+            files = dataset.files(name, split)
+            check_schema(dom, files, dataset.filesystem)
+            st = FileStats()
+            for s in _scan_all([(f, dom.spec, dom.where) for f in files], dataset.filesystem):
+                st.merge(s)
+            if st.rows == 0:
+                issues.append(f"{dom.path}/{split}: empty domain: domain '{name}' has no rows in split '{split}'")
+            issues += st.issues
+            out.append(SplitSummary(
+                name, split, len(files), st.rows, st.positives / max(st.rows, 1),
+                {k: len(v) for k, v in st.uniques.items()},
+                {f.name: st.nulls.get(f.name, 0) for f in dom.spec.fields},
+                {k: {"min": v[0], "max": v[1], "mean": v[2] / max(st.rows, 1)} for k, v in st.list_len.items()},
+            ))
+    if issues:
+        more = f"\n  ... and {len(issues) - MAX_ISSUES} more" if len(issues) > MAX_ISSUES else ""
+        raise DataError("data does not satisfy its spec:\n  " + "\n  ".join(issues[:MAX_ISSUES]) + more)
+    return out

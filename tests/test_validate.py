@@ -1,0 +1,122 @@
+"""Bad input gets a clear error naming the file, the column and the rule, before training."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from raytrain_ctr.data.dataset import CTRDataset, DataError
+from raytrain_ctr.data.validate import validate
+from raytrain_ctr.spec import SpecError
+
+SPEC = {
+    "domain": "target", "label": "label", "user_id": "user_id",
+    "tables": {"user": {"num_embeddings": 50, "dim": 4}, "item": {"num_embeddings": 30, "dim": 4}},
+    "fields": [
+        {"name": "user_id", "type": "categorical", "table": "user"},
+        {"name": "item_id", "type": "categorical", "table": "item"},
+        {"name": "hist", "type": "sequence", "table": "item", "max_len": 3},
+        {"name": "price", "type": "dense"},
+    ],
+}
+
+
+def good_table(n: int = 40) -> dict:
+    rng = np.random.default_rng(0)
+    return {
+        "user_id": pa.array(rng.integers(1, 50, n)), "item_id": pa.array(rng.integers(1, 30, n)),
+        "hist": pa.array([list(rng.integers(1, 30, k)) for k in rng.integers(0, 5, n)], pa.list_(pa.int64())),
+        "price": pa.array(rng.random(n)), "label": pa.array(rng.integers(0, 2, n).astype(np.int8)),
+    }
+
+
+def write(root, cols: dict | None = None, spec: dict | None = None, raw_file: bytes | None = None) -> str:
+    (root / "target" / "train").mkdir(parents=True)
+    (root / "target.spec.yaml").write_text(yaml.safe_dump(spec or SPEC))
+    (root / "dataset.yaml").write_text(yaml.safe_dump({"domains": {"target": {"spec": "target.spec.yaml",
+                                                                              "path": "target"}}}))
+    path = root / "target" / "train" / "part-00000.parquet"
+    if raw_file is not None:
+        path.write_bytes(raw_file)
+    elif cols is not None:
+        pq.write_table(pa.table(cols), path)
+    return str(root)
+
+
+def test_good_data_summarised(tmp_path):
+    (s,) = validate(CTRDataset.load(write(tmp_path, good_table())))
+    assert s.rows == 40 and 0 < s.positive_rate < 1
+    assert s.cardinality["user_id"] > 1 and s.list_len["hist"]["max"] == 4
+
+
+def with_(**changes) -> dict:
+    t = good_table()
+    for k, v in changes.items():
+        if v is None:
+            t.pop(k)
+        else:
+            t[k] = v
+    return t
+
+
+@pytest.mark.parametrize("cols, message", [
+    (with_(item_id=None), "missing column 'item_id' required by the spec"),
+    (with_(item_id=pa.array(["a"] * 40)), "column 'item_id' has type string: ids 'identity' need ints"),
+    (with_(hist=pa.array(range(40))), "column 'hist' has type int64: a sequence field must be a list column"),
+    (with_(price=pa.array(["x"] * 40)), "column 'price' has type string: a dense field must be a float"),
+    (with_(label=pa.array([0, 1, None, 1] * 10, pa.int8())), "column 'label': 1[0] null labels"),
+    (with_(label=pa.array([0, 1, 2, 1] * 10, pa.int8())), r"column 'label': label 2\.0 outside \{0, 1\}"),
+    (with_(user_id=pa.array([-3] + [1] * 39)), "column 'user_id': negative id -3"),
+    (with_(item_id=pa.array([None] + [1] * 39, pa.int64())), "column 'item_id': 1 nulls in an id field"),
+    (with_(label=pa.array(["yes"] * 40)), "label column 'label' has type string"),
+])
+def test_bad_data_names_file_column_rule(tmp_path, cols, message):
+    root = write(tmp_path, cols)
+    with pytest.raises(DataError, match=message) as e:
+        validate(CTRDataset.load(root))
+    assert "part-00000.parquet" in str(e.value)
+
+
+def test_empty_domain(tmp_path):
+    root = write(tmp_path)  # no files at all
+    with pytest.raises(DataError, match="empty domain: no Parquet files for domain 'target', split 'train'"):
+        validate(CTRDataset.load(root))
+    t = pa.table({k: v.slice(0, 0) for k, v in good_table().items()})
+    pq.write_table(t, tmp_path / "target" / "train" / "part-00000.parquet")
+    with pytest.raises(DataError, match="empty domain: domain 'target' has no rows in split 'train'"):
+        validate(CTRDataset.load(root))
+
+
+def test_unreadable_file(tmp_path):
+    root = write(tmp_path, raw_file=b"this is not parquet")
+    with pytest.raises(DataError, match="part-00000.parquet: unreadable Parquet file"):
+        validate(CTRDataset.load(root))
+
+
+def test_unknown_key_in_spec_and_dataset(tmp_path):
+    root = write(tmp_path, good_table(), spec={**SPEC, "labels": "y"})
+    with pytest.raises(SpecError, match=r"target\.spec\.yaml: unknown key 'labels'; did you mean 'label'"):
+        CTRDataset.load(root)
+    (tmp_path / "dataset.yaml").write_text("domains:\n  target: {spec: target.spec.yaml, pth: target}\n")
+    with pytest.raises(SpecError, match="unknown key 'pth'; did you mean 'path'"):
+        CTRDataset.load(root)
+
+
+def test_not_a_dataset(tmp_path):
+    with pytest.raises(DataError, match="not a raytrain-ctr dataset"):
+        CTRDataset.load(str(tmp_path))
+
+
+def test_domain_column_layout(tmp_path):
+    """One Parquet dataset with a domain column serves both domains through 'where'."""
+    t = good_table(60)
+    t["domain"] = pa.array(["source", "target", "target"] * 20)
+    (tmp_path / "all" / "train").mkdir(parents=True)
+    pq.write_table(pa.table(t), tmp_path / "all" / "train" / "p.parquet")
+    for d in ("source", "target"):
+        (tmp_path / f"{d}.spec.yaml").write_text(yaml.safe_dump({**SPEC, "domain": d}))
+    (tmp_path / "dataset.yaml").write_text(yaml.safe_dump({"domains": {
+        d: {"spec": f"{d}.spec.yaml", "path": "all", "where": {"domain": d}} for d in ("source", "target")}}))
+    rows = {s.domain: s.rows for s in validate(CTRDataset.load(str(tmp_path)))}
+    assert rows == {"source": 20, "target": 40}
