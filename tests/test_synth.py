@@ -13,6 +13,7 @@ from raytrain_ctr.data.dataset import CTRDataset
 from raytrain_ctr.data.encode import Batch, FeatureEncoder
 from raytrain_ctr.data.synth import generate, make_config
 from raytrain_ctr.data.validate import validate
+from raytrain_ctr.train.metrics import auc
 
 
 def files_of(root: str) -> list[str]:
@@ -63,13 +64,11 @@ def test_layout_counts_and_planted_columns(tiny_data):
 
 def test_noise_rows_follow_a_different_rule(tiny_data):
     """The clean rule predicts clean source rows well and noise rows badly."""
-    from sklearn.metrics import roc_auc_score
-
     s = read(CTRDataset.load(tiny_data), "source", "train").to_pandas()
     clean, noise = s[~s.is_noise], s[s.is_noise]
     assert "true_prob" not in CTRDataset.load(tiny_data).domain("source").spec.columns
-    clean_auc = roc_auc_score(clean.label, clean.true_prob)
-    noise_auc = roc_auc_score(noise.label, noise.true_prob)
+    clean_auc = auc(clean.label, clean.true_prob)
+    noise_auc = auc(noise.label, noise.true_prob)
     assert clean_auc > 0.8 and noise_auc < clean_auc - 0.25, (clean_auc, noise_auc)
 
 
@@ -107,8 +106,6 @@ class FM(torch.nn.Module):
 
 def fit_fm(train: list[Batch], valid: Batch, test: Batch, spec, epochs: int = 6) -> float:
     """Test AUC at the epoch with the best validation AUC."""
-    from sklearn.metrics import roc_auc_score
-
     torch.manual_seed(0)
     model = FM(spec)
     opt = torch.optim.Adam(model.parameters(), lr=0.005)
@@ -124,8 +121,8 @@ def fit_fm(train: list[Batch], valid: Batch, test: Batch, spec, epochs: int = 6)
                 loss.backward()
                 opt.step()
         with torch.no_grad():
-            v = roc_auc_score(valid.label.numpy(), model(valid).numpy())
-            t = roc_auc_score(test.label.numpy(), model(test).numpy())
+            v = auc(valid.label.numpy(), model(valid).numpy())
+            t = auc(test.label.numpy(), model(test).numpy())
         best = max(best, (v, t))
     return best[1]
 

@@ -33,6 +33,7 @@ class Batch:
     user: torch.Tensor | None = None
     time: torch.Tensor | None = None
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    dense_fields: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return int(self.label.shape[0])
@@ -43,8 +44,15 @@ class Batch:
             self.domain,
             {k: v.to(device, non_blocking=True) for k, v in self.sparse.items()},
             mv(self.dense), mv(self.label), mv(self.user), mv(self.time),
-            {k: v.to(device, non_blocking=True) for k, v in self.extra.items()},
+            {k: v.to(device, non_blocking=True) for k, v in self.extra.items()}, self.dense_fields,
         )
+
+    def select(self, index: torch.Tensor | slice) -> Batch:
+        """The rows at ``index`` (a slice or an index tensor)."""
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        return Batch(self.domain, {k: v[index] for k, v in self.sparse.items()}, self.dense[index],
+                     self.label[index], pick(self.user), pick(self.time),
+                     {k: v[index] for k, v in self.extra.items()}, self.dense_fields)
 
 
 def stable_hash(values: np.ndarray) -> np.ndarray:
@@ -122,4 +130,15 @@ class FeatureEncoder:
         if spec.time:
             time = torch.from_numpy(data.column(spec.time).to_numpy().astype(np.int64))
         extra = {c: torch.from_numpy(data.column(c).to_numpy()) for c in self.extra_columns}
-        return Batch(spec.domain, cols, torch.from_numpy(dense), torch.from_numpy(label), user, time, extra)
+        return Batch(spec.domain, cols, torch.from_numpy(dense), torch.from_numpy(label), user, time, extra,
+                     tuple(f.name for f in dense_fields))
+
+    def empty(self) -> Batch:
+        """A batch of zero rows with this domain's shapes (a worker whose shard ran out steps with it)."""
+        spec = self.spec
+        sparse = {f.name: torch.zeros((0,) if f.type == "categorical" else (0, f.max_len), dtype=torch.long)
+                  for f in spec.sparse_fields}
+        z = torch.zeros(0, dtype=torch.long)
+        return Batch(spec.domain, sparse, torch.zeros(0, len(spec.dense_fields)), torch.zeros(0),
+                     z if spec.user_id else None, z if spec.time else None,
+                     {c: z for c in self.extra_columns}, tuple(f.name for f in spec.dense_fields))

@@ -46,21 +46,29 @@ def _filter_rows(batch: pa.Table, where: dict, time_col: str | None, start: int 
     return batch if mask is None else batch.filter(mask)
 
 
+def on_disk_bytes(dataset: CTRDataset, files: list[str]) -> int:
+    return sum(i.size or 0 for i in dataset.filesystem.get_file_info(files))
+
+
 def block_bytes(dataset: CTRDataset, files: list[str], min_blocks: int) -> int:
     """A block size that cuts the split into at least ``min_blocks`` blocks (64 KiB .. 128 MiB).
 
     Blocks are what ``streaming_split`` hands to workers: a small split read as one
     block would all go to one worker.
     """
-    on_disk = sum(i.size or 0 for i in dataset.filesystem.get_file_info(files))
-    in_memory = 4 * on_disk  # Parquet decompresses several-fold
+    in_memory = 4 * on_disk_bytes(dataset, files)  # Parquet decompresses several-fold
     return int(min(max(in_memory // max(min_blocks, 1), 64 << 10), 128 << 20))
 
 
 def read_split(dataset: CTRDataset, domain: str, split: str, window: TimeWindow | None = None,
                extra_columns: tuple[str, ...] = (), shuffle_files: bool = False, seed: int | None = None,
-               min_blocks: int = 32):
-    """A lazy Ray Dataset of one domain's split (optionally a time window of it)."""
+               min_blocks: int = 32, cache_below_bytes: int = 0):
+    """A Ray Dataset of one domain's split (optionally a time window of it).
+
+    Lazy and streamed, except that a split smaller than ``cache_below_bytes`` on disk is
+    materialised once in the object store: re-reading it every epoch would cost more in
+    pipeline start-up (seconds) than the read itself.
+    """
     import ray
 
     dom = dataset.domain(domain)
@@ -78,6 +86,8 @@ def read_split(dataset: CTRDataset, domain: str, split: str, window: TimeWindow 
         w = window or TimeWindow()
         ds = ds.map_batches(_filter_rows, batch_format="pyarrow", batch_size=None,
                             fn_kwargs={"where": dom.where, "time_col": dom.spec.time, "start": w.start, "end": w.end})
+    if cache_below_bytes and on_disk_bytes(dataset, files) < cache_below_bytes:
+        ds = ds.materialize()
     return ds
 
 

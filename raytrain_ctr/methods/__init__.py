@@ -1,0 +1,25 @@
+"""Method registry: every method and baseline by name."""
+
+from __future__ import annotations
+
+import difflib
+
+from raytrain_ctr.methods.base import Method, Stage, StageContext
+from raytrain_ctr.methods.baselines import KEEP, L2SP, All, FineTune, SourceOnly, TargetOnly
+from raytrain_ctr.spec import SpecError, check_keys
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (TargetOnly, SourceOnly, All, FineTune, L2SP, KEEP)}
+
+
+def get_method(name: str, args: dict | None = None) -> Method:
+    if name not in METHODS:
+        near = difflib.get_close_matches(name, list(METHODS), n=1)
+        hint = f"; did you mean '{near[0]}'?" if near else ""
+        raise SpecError(f"unknown method '{name}'{hint} (known: {sorted(METHODS)})")
+    cls = METHODS[name]
+    args = dict(args or {})
+    check_keys(args, set(cls.arg_defaults), f"method_args of '{name}'")
+    return cls(**args)
+
+
+__all__ = ["METHODS", "Method", "Stage", "StageContext", "get_method"]

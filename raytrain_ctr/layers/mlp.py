@@ -1,0 +1,40 @@
+"""Multi-layer perceptrons: the deep network of DCN (AutoFT eq. 6) and every tower."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+class MLP(nn.Sequential):
+    """``Linear → [BatchNorm] → ReLU → [Dropout]`` per hidden size; ``out_dim`` adds a final Linear."""
+
+    def __init__(self, in_dim: int, hidden: list[int] | tuple[int, ...], out_dim: int | None = None,
+                 dropout: float = 0.0, batch_norm: bool = False):
+        layers: list[nn.Module] = []
+        d = in_dim
+        for h in hidden:
+            layers.append(nn.Linear(d, h))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(h))
+            layers.append(nn.ReLU())
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+            d = h
+        if out_dim is not None:
+            layers.append(nn.Linear(d, out_dim))
+            d = out_dim
+        super().__init__(*layers)
+        self.out_dim = d
+
+
+class DeepLayer(nn.Module):
+    """One deep layer, ``h_{l+1} = ReLU(W_d h_l + b_d)`` (AutoFT eq. 6), with optional dropout."""
+
+    def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.linear = nn.Linear(in_dim, out_dim)
+        self.act = nn.ReLU()
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+
+    def forward(self, h):
+        return self.dropout(self.act(self.linear(h)))

@@ -1,0 +1,163 @@
+"""The baselines the papers compare against (AutoFT §4.2).
+
+* **Target-only**: train and test on the target domain.
+* **Source-only**: train on the source, test on the target.
+* **All**: train on source and target together, test on the target.
+* **Fine-Tune** (Yosinski et al. 2014): initialise from a pre-trained model (Source-only or
+  All, ``pretrain: source|all``) and fine-tune every parameter on the target (or all but
+  those matching ``freeze`` patterns, e.g. ``[embedding.*]``).
+* **L2-SP** (Xuhong et al. 2018): Fine-Tune plus ``α/2·‖W − W^S‖²`` toward the pre-trained
+  weights. Embedding rows are penalised only where the step's batches touch them (sparse),
+  never the whole table each step.
+* **KEEP-style plug-in** (Zhang et al. 2022): the pre-trained user and item embeddings are
+  frozen and plugged into a target model as extra features.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raytrain_ctr.data.encode import Batch
+from raytrain_ctr.embedding.collection import EmbeddingCollection
+from raytrain_ctr.methods.base import Method, Stage, StageContext
+from raytrain_ctr.models.backbones import Backbone, CTRModel, dense_fields_of, tables_with_dim
+from raytrain_ctr.spec import SpecError, merge_tables
+
+PRETRAIN_DOMAINS = {"source": ("source",), "all": ("source", "target")}
+
+
+def pretrain_stage(args: dict) -> Stage:
+    which = args["pretrain"]
+    if which not in PRETRAIN_DOMAINS:
+        raise SpecError(f"method_args.pretrain: '{which}' is not one of {list(PRETRAIN_DOMAINS)}")
+    return Stage("pretrain", PRETRAIN_DOMAINS[which], plain=True)
+
+
+class TargetOnly(Method):
+    name = "target_only"
+    description = "train and test on the target domain"
+
+    @property
+    def stages(self) -> list[Stage]:
+        return [Stage("train", ("target",), plain=True)]
+
+
+class SourceOnly(Method):
+    name = "source_only"
+    description = "train on the source domain, test on the target"
+
+    @property
+    def stages(self) -> list[Stage]:
+        return [Stage("train", ("source",), plain=True)]
+
+
+class All(Method):
+    name = "all"
+    description = "train on source and target together, test on the target"
+
+    @property
+    def stages(self) -> list[Stage]:
+        return [Stage("train", ("source", "target"), plain=True)]
+
+
+class FineTune(Method):
+    name = "finetune"
+    description = "pre-train (source or all), then fine-tune on the target (every parameter unless frozen)"
+    arg_defaults = {"pretrain": "source", "freeze": ()}
+
+    @property
+    def stages(self) -> list[Stage]:
+        return [pretrain_stage(self.args),
+                Stage("finetune", ("target",), init_from="pretrain", freeze=tuple(self.args["freeze"]))]
+
+
+class L2SP(FineTune):
+    name = "l2sp"
+    description = "fine-tune with an L2 penalty toward the pre-trained weights"
+    arg_defaults = {"pretrain": "source", "freeze": (), "alpha": 1e-3}
+
+    def prepare(self, model: nn.Module, ctx: StageContext) -> None:
+        if ctx.stage.init_from is None:
+            return
+        self.reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.tables = {name: e for name, e in model.named_modules() if isinstance(e, nn.Embedding)}
+
+    def penalty(self, model: nn.Module, batches: dict[str, Batch], ctx: StageContext) -> torch.Tensor | None:
+        if ctx.stage.init_from is None:
+            return None
+        total = torch.zeros(())
+        sparse_weights = set()
+        for name, emb in self.tables.items():  # rows this step touches, with sparse gradients
+            sparse_weights.add(f"{name}.weight")
+            fields = [f for f in model.embedding.fields if f"embedding.tables.{f.table}" == name]
+            ids = [b.sparse[f.name].reshape(-1) for b in batches.values() for f in fields if f.name in b.sparse]
+            if not ids or not emb.weight.requires_grad:
+                continue
+            rows = torch.unique(torch.cat(ids))
+            rows = rows[rows > 0]
+            w = F.embedding(rows, emb.weight, sparse=emb.sparse)
+            total = total + ((w - self.reference[f"{name}.weight"][rows]) ** 2).sum()
+        for name, p in model.named_parameters():
+            if p.requires_grad and name not in sparse_weights:
+                total = total + ((p - self.reference[name]) ** 2).sum()
+        return 0.5 * self.args["alpha"] * total
+
+
+class PlugInModel(CTRModel):
+    """A target model whose input also holds frozen pre-trained embeddings of some fields."""
+
+    def __init__(self, base: CTRModel, plug: EmbeddingCollection, cfg):
+        nn.Module.__init__(self)
+        self.embedding, self.dense_fields, self.pooled_names = base.embedding, base.dense_fields, base.pooled_names
+        self.plug = plug
+        self.plug_names = [f.name for f in plug.fields]
+        self.in_dim = base.in_dim + sum(plug.dim(n) for n in self.plug_names)
+        self.backbone = Backbone(cfg, self.in_dim)
+
+    def inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x0, _ = super().inputs(batch)
+        plugged = self.plug(batch)
+        return torch.cat([x0, *[plugged[n] for n in self.plug_names]], dim=-1), None
+
+
+def id_fields(ctx: StageContext) -> list:
+    """Per group (user, item), the categorical field with the largest table: the id fields."""
+    tables = merge_tables(list(ctx.specs.values()))
+    chosen = []
+    for group in ("user", "item"):
+        cands = [f for s in ctx.specs.values() for f in s.sparse_fields
+                 if f.group == group and f.type == "categorical"]
+        if cands:
+            chosen.append(max(cands, key=lambda f: tables[f.table].num_embeddings))
+    return list({f.name: f for f in chosen}.values())
+
+
+class KEEP(Method):
+    name = "keep"
+    description = "pre-trained user/item embeddings frozen and plugged into a target model"
+    arg_defaults = {"pretrain": "source"}
+
+    @property
+    def stages(self) -> list[Stage]:
+        return [pretrain_stage(self.args),
+                Stage("plugin", ("target",), init_from="pretrain", load_include=(), freeze=("plug.*",))]
+
+    def build(self, ctx: StageContext) -> nn.Module:
+        base = super().build(ctx)
+        if ctx.stage.init_from is None:
+            return base
+        if ctx.model_cfg.backbone == "deepfm":
+            raise SpecError("method 'keep' plugs extra features into the deep input; use dnn, dcn or dcnv2")
+        specs = list(ctx.specs.values())
+        plug = EmbeddingCollection(tables_with_dim(merge_tables(specs), ctx.model_cfg.embedding_dim), id_fields(ctx))
+        assert dense_fields_of(specs) == base.dense_fields
+        return PlugInModel(base, plug, ctx.model_cfg)
+
+    def prepare(self, model: nn.Module, ctx: StageContext) -> None:
+        if ctx.stage.init_from is None:
+            return
+        with torch.no_grad():
+            for name, table in model.plug.tables.items():
+                table.weight.copy_(ctx.upstream[f"embedding.tables.{name}.weight"])

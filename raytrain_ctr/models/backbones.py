@@ -1,0 +1,121 @@
+"""Single-domain CTR backbones over the embedding interface: DNN, DeepFM, DCN, DCN-V2.
+
+Every backbone maps ``x_0`` (the concatenated field embeddings and dense features,
+AutoFT eq. 4) and ``v`` (field embeddings stacked ``[B, F, D]``, for FM) to a logit.
+Cross and deep layers are ``ModuleList`` s so that methods (AutoFT, SpotTune) can route
+per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from raytrain_ctr.data.encode import Batch
+from raytrain_ctr.embedding.collection import EmbeddingCollection, fields_of
+from raytrain_ctr.layers.interaction import CrossLayer, CrossLayerV2, fm_interaction
+from raytrain_ctr.layers.mlp import DeepLayer
+from raytrain_ctr.spec import DomainSpec, SpecError, TableSpec, merge_tables
+
+BACKBONES = ("dnn", "deepfm", "dcn", "dcnv2")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "dcn"
+    deep: tuple[int, ...] = (256, 128)
+    cross_layers: int = 3
+    dropout: float = 0.0
+    embedding_dim: int | None = None  # overrides every table's dim when set
+
+    def __post_init__(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise SpecError(f"model.backbone: unknown backbone '{self.backbone}' (one of {list(BACKBONES)})")
+
+
+def deep_layers(in_dim: int, sizes: tuple[int, ...], dropout: float) -> nn.ModuleList:
+    dims = (in_dim, *sizes)
+    return nn.ModuleList(DeepLayer(a, b, dropout) for a, b in zip(dims[:-1], dims[1:]))
+
+
+class Backbone(nn.Module):
+    """Cross layers (maybe none), deep layers, prediction layer (AutoFT eqs. 5–7)."""
+
+    def __init__(self, cfg: ModelConfig, in_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        cross = {"dcn": CrossLayer, "dcnv2": CrossLayerV2}.get(cfg.backbone)
+        self.cross = nn.ModuleList(cross(in_dim) for _ in range(cfg.cross_layers)) if cross else nn.ModuleList()
+        self.deep = deep_layers(in_dim, tuple(cfg.deep), cfg.dropout)
+        deep_out = cfg.deep[-1] if cfg.deep else in_dim
+        self.head = nn.Linear((in_dim if cross else 0) + deep_out, 1)  # eq. 7
+        self.linear = nn.Linear(in_dim, 1, bias=False) if cfg.backbone == "deepfm" else None
+
+    def forward(self, x0: torch.Tensor, v: torch.Tensor | None = None) -> torch.Tensor:
+        h = x0
+        for layer in self.deep:  # eq. 6
+            h = layer(h)
+        if len(self.cross):
+            xc = x0
+            for layer in self.cross:  # eq. 5
+                xc = layer(x0, xc)
+            h = torch.cat([xc, h], dim=-1)
+        logit = self.head(h).squeeze(-1)
+        if self.linear is not None:  # DeepFM: first-order + FM second-order + deep
+            logit = logit + self.linear(x0).squeeze(-1) + fm_interaction(v)
+        return logit
+
+
+class CTRModel(nn.Module):
+    """Embedding layer + backbone. Fields of every domain it serves; absent ones read as zeros."""
+
+    def __init__(self, embedding: EmbeddingCollection, dense_fields: list[str], cfg: ModelConfig):
+        super().__init__()
+        self.embedding = embedding
+        self.dense_fields = list(dense_fields)
+        self.pooled_names = [f.name for f in embedding.pooled_fields]
+        in_dim = sum(embedding.dim(n) for n in self.pooled_names) + len(self.dense_fields)
+        if cfg.backbone == "deepfm" and len({embedding.dim(n) for n in self.pooled_names}) > 1:
+            raise SpecError("model.backbone 'deepfm' needs one embedding dim for every field "
+                            "(set model.embedding_dim)")
+        self.in_dim = in_dim
+        self.backbone = Backbone(cfg, in_dim)
+
+    def dense(self, batch: Batch) -> torch.Tensor:
+        """Dense features in this model's order; a field the batch's domain lacks reads as zero."""
+        cols = [batch.dense[:, batch.dense_fields.index(n)] if n in batch.dense_fields
+                else batch.label.new_zeros(len(batch)) for n in self.dense_fields]
+        return torch.stack(cols, 1) if cols else batch.label.new_zeros(len(batch), 0)
+
+    def inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x_0`` = concat of field embeddings and dense features (eq. 4), and ``v`` [B, F, D] if dims agree."""
+        emb = self.embedding(batch)
+        vs = [emb[n] for n in self.pooled_names]
+        x0 = torch.cat([*vs, self.dense(batch)], dim=-1)
+        v = torch.stack(vs, 1) if len({t.shape[-1] for t in vs}) == 1 else None
+        return x0, v
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.backbone(*self.inputs(batch))
+
+
+def tables_with_dim(tables: dict[str, TableSpec], dim: int | None) -> dict[str, TableSpec]:
+    return tables if dim is None else {k: replace(t, dim=dim) for k, t in tables.items()}
+
+
+def dense_fields_of(specs: list[DomainSpec]) -> list[str]:
+    names: list[str] = []
+    for s in specs:
+        names += [f.name for f in s.dense_fields if f.name not in names]
+    return names
+
+
+def build_model(specs: list[DomainSpec], cfg: ModelConfig) -> CTRModel:
+    """One model over the union of the domains' fields (so every baseline shares one architecture)."""
+    emb = EmbeddingCollection(tables_with_dim(merge_tables(specs), cfg.embedding_dim), fields_of(specs))
+    return CTRModel(emb, dense_fields_of(specs), cfg)
+
+
+

@@ -1,0 +1,229 @@
+"""The per-worker training loop of one stage, run inside a Ray Train ``TorchTrainer``.
+
+Per epoch: step through the stage's train domains together (one batch of each per
+step, sized in proportion to the domains, every row once across workers), evaluate
+the target's validation split exactly, report metrics and a checkpoint. Early stopping
+on validation AUC; at the end the best epoch's model is evaluated on the test split
+and reported as the stage's artifact.
+
+A restarted worker group (``FailureConfig``) resumes from the last checkpoint: model,
+optimizer state, RNG, best-so-far and history, at the next epoch.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import torch
+
+from raytrain_ctr.config import ExperimentConfig, TrainConfig
+from raytrain_ctr.data.encode import Batch, FeatureEncoder
+from raytrain_ctr.data.ingest import iter_domain
+from raytrain_ctr.methods import Method, Stage, StageContext, get_method
+from raytrain_ctr.models.backbones import ModelConfig
+from raytrain_ctr.spec import DomainSpec
+from raytrain_ctr.train import metrics as M
+from raytrain_ctr.train.state import freeze, load_filtered
+from raytrain_ctr.train.sync import GradientSync, all_reduce_sum, sparse_parameters, world_size
+
+STATE_FILE = "state.pt"
+MODEL_FILE = "model.pt"
+METRICS_FILE = "metrics.json"
+
+
+def stage_train_config(cfg: ExperimentConfig, overrides: dict[str, Any]) -> TrainConfig:
+    return replace(cfg.train, **overrides) if overrides else cfg.train
+
+
+def dataset_key(domain: str, split: str) -> str:
+    return f"{domain}_{split}"
+
+
+def make_optimizers(model: torch.nn.Module, tc: TrainConfig) -> list[torch.optim.Optimizer]:
+    sparse_ids = {id(p) for p in sparse_parameters(model)}
+    sparse = [p for p in model.parameters() if p.requires_grad and id(p) in sparse_ids]
+    dense = [p for p in model.parameters() if p.requires_grad and id(p) not in sparse_ids]
+    opts: list[torch.optim.Optimizer] = []
+    if sparse:
+        opts.append(torch.optim.SparseAdam(sparse, lr=tc.sparse_lr or tc.lr))
+    if dense:
+        opts.append(torch.optim.Adam(dense, lr=tc.lr, weight_decay=tc.weight_decay))
+    return opts
+
+
+def build_stage_model(method: Method, stage: Stage, specs: dict[str, DomainSpec], model_cfg: ModelConfig,
+                      upstream_path: str | None) -> tuple[torch.nn.Module, StageContext]:
+    """Build the stage's model, load what it takes from upstream, freeze, let the method prepare."""
+    upstream = torch.load(upstream_path, map_location="cpu", weights_only=True) if upstream_path else None
+    ctx = StageContext(stage, specs, model_cfg, method.args, upstream)
+    model = method.build(ctx)
+    if upstream is not None and stage.load_include:
+        load_filtered(model, upstream, stage.load_include, stage.load_exclude, source=upstream_path)
+    freeze(model, stage.freeze)
+    method.prepare(model, ctx)
+    return model, ctx
+
+
+def train_step(method: Method, model: torch.nn.Module, ctx: StageContext, batches: dict[str, Batch],
+               optimizers: list[torch.optim.Optimizer], sync: GradientSync) -> tuple[float, int]:
+    """One optimisation step over this worker's batches of the step (maybe none).
+
+    The loss is divided by the step's *global* row count and the gradients summed over
+    workers, so the update is that of the global mean loss. Returns (this worker's loss
+    sum, the global row count); nothing is done when no worker had rows left.
+    """
+    n_local = sum(len(b) for b in batches.values())
+    (n_global,) = all_reduce_sum([n_local])
+    if n_global == 0:
+        return 0.0, 0
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    step_loss = method.loss(model, batches, ctx) if batches else torch.zeros(())
+    loss = step_loss / n_global
+    penalty = method.penalty(model, batches, ctx)
+    if penalty is not None:
+        loss = loss + penalty / world_size()
+    if loss.requires_grad:
+        loss.backward()
+    sync()
+    for opt in optimizers:
+        opt.step()
+    return float(step_loss.detach()), int(n_global)
+
+
+def evaluate(method: Method, model: torch.nn.Module, ctx: StageContext, batches: Iterable[Batch],
+             with_users: bool) -> dict[str, float]:
+    """Exact metrics over the whole split: every worker's predictions are gathered first."""
+    model.eval()
+    probs, labels, users = [], [], []
+    with torch.no_grad():
+        for b in batches:
+            probs.append(torch.sigmoid(method.logits(model, b, ctx)))
+            labels.append(b.label)
+            if b.user is not None:
+                users.append(b.user)
+    arrays = [M.to_numpy(labels), M.to_numpy(probs)] + ([M.to_numpy(users, np.int64)] if with_users else [])
+    model.train()
+    return M.summarize(*M.gather(*arrays))
+
+
+def _maybe_fail(tc: TrainConfig, epoch: int, step: int, marker_dir: str) -> None:
+    """Testing aid: the last worker dies once, mid-epoch ``fail_once_at_epoch`` (after its first step).
+
+    It first waits a few seconds: Ray Train registers a reported checkpoint asynchronously,
+    and a worker killed within the same instant could lose it (a real crash then loses one
+    epoch more, never the run).
+    """
+    ctx = ray.train.get_context()
+    if tc.fail_once_at_epoch != epoch or step != 1 or ctx.get_world_rank() != ctx.get_world_size() - 1:
+        return
+    marker = Path(marker_dir) / "failed-once"
+    if not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(str(epoch))
+        time.sleep(5)
+        os._exit(1)
+
+
+def _report(metrics: dict, files: dict[str, Any]) -> None:
+    """Report metrics; rank 0 attaches a checkpoint holding ``files`` (Train V2 keeps metrics with checkpoints)."""
+    rank = ray.train.get_context().get_world_rank()
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            for name, obj in files.items():
+                if name.endswith(".json"):
+                    Path(tmp, name).write_text(json.dumps(obj, indent=2))
+                else:
+                    torch.save(obj, Path(tmp, name))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def train_stage(config: dict) -> None:
+    """``train_loop_per_worker`` of a stage. ``config`` holds the experiment, stage name, specs,
+    per-domain batch sizes, and the upstream model state path."""
+    cfg: ExperimentConfig = config["cfg"]
+    method = get_method(cfg.method, cfg.method_args)
+    stage = method.stage(config["stage"])
+    tc = stage_train_config(cfg, stage.overrides)
+    specs = config["specs"]
+    torch.manual_seed(tc.seed)
+    np.random.seed(tc.seed)
+
+    model, ctx = build_stage_model(method, stage, specs, cfg.model, config["upstream"])
+    optimizers = make_optimizers(model, tc)
+    sync = GradientSync(model)
+    encoders = {d: FeatureEncoder(specs[d]) for d in specs}
+
+    start_epoch, best, history, resumed_from = 0, {"auc": -1.0, "epoch": -1, "state": None, "bad": 0}, [], None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            if (Path(d) / METRICS_FILE).exists():  # the stage had finished: report its result again
+                final = json.loads((Path(d) / METRICS_FILE).read_text())
+                model_state = torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True)
+                _report({k: v for k, v in final.items() if k != "history"},
+                        {MODEL_FILE: model_state, METRICS_FILE: final})
+                return
+            saved = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+        model.load_state_dict(saved["model"])
+        for opt, st in zip(optimizers, saved["optimizers"]):
+            opt.load_state_dict(st)
+        torch.set_rng_state(saved["rng"])
+        start_epoch, best, history = saved["epoch"] + 1, saved["best"], saved["history"]
+        resumed_from = start_epoch
+
+    batch_sizes = config["batch_sizes"]
+    eval_domain = stage.eval_domain
+    with_users = specs[eval_domain].user_id is not None
+
+    def eval_batches(split: str) -> Iterator[Batch]:
+        return iter_domain(ray.train.get_dataset_shard(dataset_key(eval_domain, split)), encoders[eval_domain],
+                           max(batch_sizes.values()))
+    for epoch in range(start_epoch, tc.epochs):
+        if best["bad"] >= tc.patience:
+            break
+        t0 = time.perf_counter()
+        its = {d: iter_domain(ray.train.get_dataset_shard(dataset_key(d, "train")), encoders[d], batch_sizes[d],
+                              shuffle_buffer=tc.shuffle_buffer, seed=tc.seed + epoch)
+               for d in stage.train_domains}
+        loss_sum, rows, steps = 0.0, 0, 0
+        while True:
+            batches = {d: b for d, it in its.items() if (b := next(it, None)) is not None}
+            step_loss, n_global = train_step(method, model, ctx, batches, optimizers, sync)
+            if n_global == 0:
+                break
+            loss_sum, rows, steps = loss_sum + step_loss, rows + sum(len(b) for b in batches.values()), steps + 1
+            _maybe_fail(tc, epoch, steps, config["run_dir"])
+        loss_sum, rows = all_reduce_sum([loss_sum, rows])
+        valid = evaluate(method, model, ctx, eval_batches("valid"), with_users)
+        if valid["auc"] > best["auc"]:
+            best = {"auc": valid["auc"], "epoch": epoch, "state": copy.deepcopy(model.state_dict()), "bad": 0}
+        else:
+            best["bad"] += 1
+        metrics = {"epoch": epoch, "steps": steps, "train_loss": loss_sum / max(rows, 1), "train_rows": int(rows),
+                   "epoch_seconds": time.perf_counter() - t0, "resumed_from_epoch": resumed_from,
+                   **{f"valid_{k}": v for k, v in valid.items()}}
+        history.append(metrics)
+        _report(metrics, {STATE_FILE: {
+            "model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
+            "rng": torch.get_rng_state(), "epoch": epoch, "best": best, "history": history}})
+
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
+    test = evaluate(method, model, ctx, eval_batches("test"), with_users)
+    final = {"stage": stage.name, "method": method.name, "best_epoch": best["epoch"],
+             "valid_auc": best["auc"], "resumed_from_epoch": resumed_from, "final": True,
+             **{f"test_{k}": v for k, v in test.items()}}
+    _report(final, {MODEL_FILE: model.state_dict(), METRICS_FILE: {**final, "history": history}})

@@ -1,0 +1,133 @@
+"""Stages on a real local Ray: TorchTrainer per stage, artifacts, resume, freezing, failures."""
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from raytrain_ctr import pipeline
+from raytrain_ctr.config import from_dict, load_config
+from raytrain_ctr.data.dataset import CTRDataset
+from raytrain_ctr.data.encode import FeatureEncoder
+from raytrain_ctr.methods import get_method
+from raytrain_ctr.models.backbones import ModelConfig, build_model
+from raytrain_ctr.spec import SpecError
+from raytrain_ctr.train.metrics import summarize
+from raytrain_ctr.train.state import StateMismatchError, load_filtered
+
+
+def config(data: str, storage: str, method: str, **kw):
+    raw = {"data": data, "method": method, "storage": storage,
+           "model": {"backbone": "dcn", "deep": [32, 16], "cross_layers": 2},
+           "train": {"epochs": 2, "batch_size": 1024, "workers": 2, "sparse_lr": 0.01}}
+    for k, v in kw.items():
+        raw[k] = {**raw.get(k, {}), **v} if isinstance(v, dict) else v
+    return from_dict(raw)
+
+
+@pytest.fixture(scope="module")
+def finetune_run(tiny_data, ray_local, tmp_path_factory):
+    storage = str(tmp_path_factory.mktemp("runs"))
+    cfg = config(tiny_data, storage, "finetune")
+    return cfg, pipeline.run(cfg)
+
+
+def test_two_stage_method_on_two_workers(finetune_run):
+    cfg, res = finetune_run
+    assert set(res) == {"pretrain", "finetune"}
+    for stage in res.values():
+        assert Path(stage["artifact"], "model.pt").exists() and Path(stage["artifact"], "metrics.json").exists()
+        assert stage["test_auc"] > 0.55 and [h["epoch"] for h in stage["history"]] == [0, 1]
+    results = json.loads(Path(cfg.storage, cfg.run_name, "results.json").read_text())
+    assert results["finetune"]["test_auc"] == res["finetune"]["test_auc"]
+
+
+def test_metrics_are_exact_over_all_workers(finetune_run, tiny_data):
+    """The 2-worker test AUC equals the AUC of the saved model on the whole test split in one process."""
+    cfg, res = finetune_run
+    ds = CTRDataset.load(tiny_data)
+    model = build_model([ds.domain(d).spec for d in ds.domains], cfg.model)
+    model.load_state_dict(torch.load(Path(res["finetune"]["artifact"], "model.pt")))
+    model.eval()
+    batch = FeatureEncoder(ds.domain("target").spec).encode(
+        pa.concat_tables([pq.read_table(f) for f in ds.files("target", "test")]))
+    with torch.no_grad():
+        probs = torch.sigmoid(model(batch)).numpy()
+    local = summarize(batch.label.numpy(), probs, batch.user.numpy())
+    assert res["finetune"]["test_rows"] == len(batch)
+    for k in ("auc", "logloss", "gauc"):
+        assert res["finetune"][f"test_{k}"] == pytest.approx(local[k], abs=1e-5)
+
+
+def test_rerun_skips_finished_stages_and_shares_plain_ones(finetune_run, tiny_data):
+    cfg, first = finetune_run
+    again = pipeline.run(cfg)
+    assert again["pretrain"]["skipped"] and again["finetune"]["skipped"]
+    assert again["finetune"]["test_auc"] == first["finetune"]["test_auc"]
+    # Source-only's training is the same plain stage as Fine-Tune's pre-training: one artifact
+    src = pipeline.run(config(tiny_data, cfg.storage, "source_only"))
+    assert src["train"]["skipped"] and src["train"]["artifact"] == first["pretrain"]["artifact"]
+
+
+def test_frozen_tensors_stay_bit_identical(finetune_run, tiny_data):
+    cfg, first = finetune_run
+    res = pipeline.run(config(tiny_data, cfg.storage, "finetune",
+                              method_args={"freeze": ["embedding.*", "backbone.cross.*"]}))
+    assert res["pretrain"]["skipped"]  # the same pre-trained model
+    before = torch.load(Path(res["pretrain"]["artifact"], "model.pt"))
+    after = torch.load(Path(res["finetune"]["artifact"], "model.pt"))
+    frozen = [k for k in before if k.startswith(("embedding.", "backbone.cross."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert not torch.equal(before["backbone.head.weight"], after["backbone.head.weight"])
+
+
+def test_run_one_stage_against_upstream(finetune_run, tiny_data):
+    cfg, first = finetune_run
+    res = pipeline.run(cfg, stage="finetune")
+    assert list(res) == ["finetune"] and res["finetune"]["skipped"]
+    res = pipeline.run(cfg, stage="finetune", force=True)
+    assert list(res) == ["finetune"] and not res["finetune"].get("skipped")
+    assert res["finetune"]["resumed_from_epoch"] is None  # a fresh run, not a restore
+
+
+def test_missing_upstream_artifact(tiny_data, ray_local, tmp_path):
+    cfg = config(tiny_data, str(tmp_path), "l2sp")
+    with pytest.raises(pipeline.PipelineError, match="needs the artifact of stage 'pretrain' .* run that stage first"):
+        pipeline.run(cfg, stage="finetune")
+
+
+def test_killed_worker_resumes_from_checkpoint(tiny_data, ray_local, tmp_path):
+    cfg = config(tiny_data, str(tmp_path), "target_only", train={"epochs": 3, "fail_once_at_epoch": 1})
+    res = pipeline.run(cfg)["train"]
+    assert (tmp_path / "_ray").exists() and any((tmp_path / "_ray").rglob("failed-once"))
+    assert res["resumed_from_epoch"] == 1  # not from epoch 0
+    assert [h["epoch"] for h in res["history"]] == [0, 1, 2]
+    assert res["history"][0]["resumed_from_epoch"] is None and res["history"][1]["resumed_from_epoch"] == 1
+
+
+def test_bad_config_and_method_names(tiny_data, tmp_path):
+    with pytest.raises(SpecError, match="unknown method 'finetun'; did you mean 'finetune'"):
+        get_method("finetun")
+    with pytest.raises(KeyError, match="has no stage 'pretrian'"):
+        get_method("finetune").stage("pretrian")
+    with pytest.raises(SpecError, match="train: unknown key 'epoch'; did you mean 'epochs'"):
+        config(tiny_data, str(tmp_path), "all", train={"epoch": 3})
+    with pytest.raises(SpecError, match="unknown key 'pretrian'; did you mean 'pretrain'"):
+        get_method("finetune", {"pretrian": "all"})
+    with pytest.raises(SpecError, match="'everything' is not one of"):
+        pipeline.run(config(tiny_data, str(tmp_path), "finetune", method_args={"pretrain": "everything"}))
+    p = tmp_path / "c.yaml"
+    p.write_text("base: {data: x, method: all}\nvariants: {a: {modle: {}}}\n")
+    with pytest.raises(SpecError, match="unknown key 'modle'; did you mean 'model'"):
+        load_config(p, "a")
+
+
+def test_checkpoint_that_does_not_fit_the_spec(tiny_data):
+    ds = CTRDataset.load(tiny_data)
+    specs = [ds.domain(d).spec for d in ds.domains]
+    small = build_model(specs, ModelConfig(embedding_dim=4)).state_dict()
+    with pytest.raises(StateMismatchError, match=r"'embedding.tables.user.weight' has shape \(\d+, 4\) but the model"):
+        load_filtered(build_model(specs, ModelConfig(embedding_dim=8)), small, source="old.pt")
