@@ -21,7 +21,7 @@ demo: setup
 	$(BIN)/raytrain-ctr demo
 
 lint: setup
-	$(BIN)/ruff check raytrain_ctr tests benchmarks examples
+	$(BIN)/ruff check raytrain_ctr tests benchmarks examples jobs
 
 test: lint
 	$(BIN)/python -m pytest -q

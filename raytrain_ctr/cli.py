@@ -3,8 +3,11 @@
     raytrain-ctr synth --out DIR [--rows N] [--seed S] [--preset NAME]
     raytrain-ctr movielens --out DIR [--from PATH] [--split random|time]
     raytrain-ctr validate DIR
-    raytrain-ctr ingest DIR [--workers N]        stream a dataset through Train workers
-    raytrain-ctr demo [--out DIR]                the README's main job
+    raytrain-ctr ingest DIR [--workers N]          stream a dataset through Train workers
+    raytrain-ctr run --config YAML [--variant V] [--stage S] [--force] [--set KEY=VALUE ...]
+    raytrain-ctr compare --config YAML --methods M[:k=v,...] ... --seeds 0 1 2 --out DIR
+    raytrain-ctr tune --config YAML [--space YAML] --samples N --out DIR
+    raytrain-ctr demo                              the README's main job: a MovieLens leaderboard
 """
 
 from __future__ import annotations
@@ -12,9 +15,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from raytrain_ctr.data.dataset import CTRDataset, DataError
+from raytrain_ctr.pipeline import PipelineError
 from raytrain_ctr.spec import SpecError
+from raytrain_ctr.train.state import StateMismatchError
 
 
 def cmd_synth(a: argparse.Namespace) -> None:
@@ -63,15 +69,73 @@ def cmd_ingest(a: argparse.Namespace) -> None:
               f"({m[f'{d}_rows_per_s']:,.0f} rows/s)")
 
 
+def experiment(a: argparse.Namespace):
+    """The config of ``--config [--variant]`` with ``--set key=value`` overrides applied."""
+    import yaml
+
+    from raytrain_ctr.config import load_config
+
+    cfg = load_config(a.config, a.variant)
+    overrides = {}
+    for item in a.set or []:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise SpecError(f"--set expects KEY=VALUE, got '{item}'")
+        overrides[key] = yaml.safe_load(value)
+    return cfg.with_overrides(overrides) if overrides else cfg
+
+
+def cmd_run(a: argparse.Namespace) -> None:
+    import json
+
+    from raytrain_ctr import pipeline
+    from raytrain_ctr.runtime import init_ray
+
+    cfg = experiment(a)
+    init_ray()
+    results = pipeline.run(cfg, stage=a.stage, force=a.force)
+    for name, r in results.items():
+        state = "skipped (artifact exists)" if r.get("skipped") else f"best epoch {r['best_epoch']}"
+        print(f"{cfg.method}/{name}: {state}; target test AUC {r['test_auc']:.4f}, LogLoss "
+              f"{r['test_logloss']:.4f}, GAUC {r.get('test_gauc', float('nan')):.4f} -> {r['artifact']}")
+    print(json.dumps({k: {m: v for m, v in r.items() if m != "history"} for k, r in results.items()}, default=str))
+
+
+def cmd_compare(a: argparse.Namespace) -> None:
+    from raytrain_ctr.compare import Entry, compare, markdown
+    from raytrain_ctr.runtime import init_ray
+
+    cfg = experiment(a)
+    init_ray()
+    rows = compare(cfg, [Entry.parse(m) for m in a.methods], a.seeds, a.out)
+    print(markdown(rows, f"target test metrics over seeds {a.seeds}"))
+    print(f"written: {a.out}/leaderboard.md, leaderboard.json, leaderboard.png")
+
+
+def cmd_tune(a: argparse.Namespace) -> None:
+    from raytrain_ctr.runtime import init_ray
+    from raytrain_ctr.tune import load_space, tune_method
+
+    cfg = experiment(a)
+    init_ray()
+    trials = tune_method(cfg, load_space(a.space, cfg.method), a.samples, a.max_concurrent, a.out)
+    print((Path(a.out) / "tune_results.md").read_text())
+    print(f"best: {trials[0] if trials else None}")
+
+
+DEMO_METHODS = ["target_only", "source_only", "all", "finetune:pretrain=source", "finetune:pretrain=all",
+                "l2sp:pretrain=source"]
+
+
 def cmd_demo(a: argparse.Namespace) -> None:
-    """Generate planted data, validate it, and stream it through the ingest path."""
-    for step in (
-        argparse.Namespace(out=a.out, preset="tiny", rows=None, seed=0, parallelism=0, func=cmd_synth),
-        argparse.Namespace(dir=a.out, func=cmd_validate),
-        argparse.Namespace(dir=a.out, split="train", workers=2, batch_size=4096, func=cmd_ingest),
-    ):
-        print(f"== {step.func.__name__[4:]}")
-        step.func(step)
+    """MovieLens-100K (male → female): the baselines' leaderboard over 3 seeds, local Ray."""
+    try:
+        CTRDataset.load(a.data)
+    except DataError:
+        cmd_movielens(argparse.Namespace(out=a.data, source=None, split="random", seed=0))
+    a = argparse.Namespace(config=a.config, variant=None, set=[f"data={a.data}"], methods=DEMO_METHODS,
+                           seeds=a.seeds, out=a.out)
+    cmd_compare(a)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,8 +169,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=4096)
     s.set_defaults(func=cmd_ingest)
 
-    s = sub.add_parser("demo", help="the README's main job on embedded defaults")
-    s.add_argument("--out", default="data/demo-synth")
+    def with_config(s: argparse.ArgumentParser) -> None:
+        s.add_argument("--config", required=True, help="experiment YAML (base: + variants:)")
+        s.add_argument("--variant", default=None)
+        s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.lr=0.01")
+
+    s = sub.add_parser("run", help="run a method's stages (skipping finished ones)")
+    with_config(s)
+    s.add_argument("--stage", default=None, help="run only this stage, against the latest upstream artifact")
+    s.add_argument("--force", action="store_true", help="re-run stages whose artifacts exist")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("compare", help="several methods over several seeds → leaderboard")
+    with_config(s)
+    s.add_argument("--methods", nargs="+", required=True, help="METHOD or METHOD:key=value,...")
+    s.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    s.add_argument("--out", default="runs/leaderboard")
+    s.set_defaults(func=cmd_compare)
+
+    s = sub.add_parser("tune", help="Ray Tune search (ASHA on target-validation AUC)")
+    with_config(s)
+    s.add_argument("--space", default=None, help="search-space YAML (default: the method's built-in space)")
+    s.add_argument("--samples", type=int, default=8)
+    s.add_argument("--max-concurrent", type=int, default=2)
+    s.add_argument("--out", default="runs/tune")
+    s.set_defaults(func=cmd_tune)
+
+    s = sub.add_parser("demo", help="the README's main job: MovieLens-100K baselines leaderboard")
+    s.add_argument("--data", default="data/ml100k")
+    s.add_argument("--config", default="jobs/configs/movielens.yaml")
+    s.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    s.add_argument("--out", default="runs/leaderboard-ml100k")
     s.set_defaults(func=cmd_demo)
     return p
 
@@ -115,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (SpecError, DataError) as e:
+    except (SpecError, DataError, PipelineError, StateMismatchError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

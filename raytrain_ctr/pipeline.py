@@ -96,7 +96,7 @@ def _storage(cfg: ExperimentConfig, *parts: str) -> str:
 
 
 def run_stage(cfg: ExperimentConfig, dataset: CTRDataset, stage: Stage, keys: dict[str, str],
-              fresh: bool = False) -> dict:
+              fresh: bool = False, callbacks: list | None = None) -> dict:
     """One ``TorchTrainer.fit``; resumes the stage's last Ray Train checkpoint unless ``fresh``."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -141,7 +141,7 @@ def run_stage(cfg: ExperimentConfig, dataset: CTRDataset, stage: Stage, keys: di
         dataset_config=ExactlyOnceDataConfig(),
         run_config=RunConfig(name=run_name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=tc.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks or []),
     )
     result = trainer.fit()
     if result.checkpoint is None or not (result.metrics or {}).get("final"):
@@ -154,8 +154,12 @@ def run_stage(cfg: ExperimentConfig, dataset: CTRDataset, stage: Stage, keys: di
     return _read_json(fs, join(art, METRICS_FILE))
 
 
-def run(cfg: ExperimentConfig, stage: str | None = None, force: bool = False) -> dict[str, dict]:
-    """Run every stage of ``cfg.method``, or only ``stage``; finished stages are skipped unless ``force``."""
+def run(cfg: ExperimentConfig, stage: str | None = None, force: bool = False,
+        callbacks: list | None = None) -> dict[str, dict]:
+    """Run every stage of ``cfg.method``, or only ``stage``; finished stages are skipped unless ``force``.
+
+    ``callbacks`` go to the Ray Train ``RunConfig`` of the stages that run (Tune's report callback).
+    """
     dataset = CTRDataset.load(cfg.data)
     method = get_method(cfg.method, cfg.method_args)
     stages = method.stages if stage is None else [method.stage(stage)]
@@ -173,7 +177,7 @@ def run(cfg: ExperimentConfig, stage: str | None = None, force: bool = False) ->
             log.info("stage %s: artifacts exist at %s, skipped", st.name, art)
             results[st.name] = {**_read_json(fs, join(art, METRICS_FILE)), "skipped": True}
         else:
-            results[st.name] = run_stage(cfg, dataset, st, keys, fresh=force)
+            results[st.name] = run_stage(cfg, dataset, st, keys, fresh=force, callbacks=callbacks)
         results[st.name]["artifact"] = art
     if not results:
         raise DataError(f"method '{cfg.method}' has no stages")

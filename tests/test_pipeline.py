@@ -111,7 +111,7 @@ def test_killed_worker_resumes_from_checkpoint(tiny_data, ray_local, tmp_path):
 def test_bad_config_and_method_names(tiny_data, tmp_path):
     with pytest.raises(SpecError, match="unknown method 'finetun'; did you mean 'finetune'"):
         get_method("finetun")
-    with pytest.raises(KeyError, match="has no stage 'pretrian'"):
+    with pytest.raises(SpecError, match="has no stage 'pretrian'"):
         get_method("finetune").stage("pretrian")
     with pytest.raises(SpecError, match="train: unknown key 'epoch'; did you mean 'epochs'"):
         config(tiny_data, str(tmp_path), "all", train={"epoch": 3})

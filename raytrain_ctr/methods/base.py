@@ -18,7 +18,7 @@ from torch import nn
 
 from raytrain_ctr.data.encode import Batch
 from raytrain_ctr.models.backbones import ModelConfig, build_model
-from raytrain_ctr.spec import DomainSpec
+from raytrain_ctr.spec import DomainSpec, SpecError
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class Method:
         for s in self.stages:
             if s.name == name:
                 return s
-        raise KeyError(f"method '{self.name}' has no stage '{name}' (stages: {[s.name for s in self.stages]})")
+        raise SpecError(f"method '{self.name}' has no stage '{name}' (stages: {[s.name for s in self.stages]})")
 
     def build(self, ctx: StageContext) -> nn.Module:
         """The model of a stage: by default one backbone over the fields of every domain."""

@@ -1,0 +1,111 @@
+"""Leaderboards: several methods on the same data over several seeds.
+
+Each entry is ``METHOD`` or ``METHOD:key=value,key=value`` (method args), e.g.
+``finetune:pretrain=all``. Every (entry, seed) runs through :func:`pipeline.run`, so
+plain stages shared by several methods (Source-only training = Fine-Tune's pre-training)
+train once. Writes ``leaderboard.md`` (target AUC, LogLoss, GAUC as mean ± std),
+``leaderboard.json`` (every run) and ``leaderboard.png``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from raytrain_ctr import pipeline
+from raytrain_ctr.config import ExperimentConfig
+
+
+@dataclass(frozen=True)
+class Entry:
+    method: str
+    args: dict
+
+    @classmethod
+    def parse(cls, text: str) -> Entry:
+        name, _, rest = text.partition(":")
+        args = {}
+        for pair in filter(None, rest.split(",")):
+            k, _, v = pair.partition("=")
+            args[k.strip()] = yaml.safe_load(v)
+        return cls(name.strip(), args)
+
+    @property
+    def label(self) -> str:
+        return self.method + (f"({','.join(str(v) for v in self.args.values())})" if self.args else "")
+
+
+METRICS = (("test_auc", "AUC", True), ("test_logloss", "LogLoss", False), ("test_gauc", "GAUC", True))
+
+
+def mean_std(values: list[float]) -> str:
+    a = np.asarray(values, dtype=float)
+    return f"{a.mean():.4f} ± {a.std(ddof=1) if len(a) > 1 else 0.0:.4f}"
+
+
+def compare(base: ExperimentConfig, entries: list[Entry], seeds: list[int], out: str) -> list[dict]:
+    """Run every entry for every seed; write and return the per-entry summary rows."""
+    runs = []
+    for e in entries:
+        for seed in seeds:
+            cfg = base.with_overrides({"method": e.method, "method_args": e.args, "train.seed": seed,
+                                       "name": f"{e.label}-s{seed}"})
+            final = pipeline.final_metrics(pipeline.run(cfg), cfg)
+            runs.append({"entry": e.label, "seed": seed, **{k: final[k] for k, _, _ in METRICS}})
+    rows = []
+    for e in entries:
+        mine = [r for r in runs if r["entry"] == e.label]
+        rows.append({"entry": e.label, "n": len(mine),
+                     **{k: [r[k] for r in mine] for k, _, _ in METRICS}})
+    write(rows, runs, base, seeds, out)
+    return rows
+
+
+def markdown(rows: list[dict], title: str) -> str:
+    best = {k: (max if up else min)(np.mean(r[k]) for r in rows) for k, _, up in METRICS}
+    lines = [f"**{title}**", "", "| method | " + " | ".join(n for _, n, _ in METRICS) + " |",
+             "|---|" + "---|" * len(METRICS)]
+    for r in rows:
+        cells = []
+        for k, _, _ in METRICS:
+            cell = mean_std(r[k])
+            cells.append(f"**{cell}**" if np.isclose(np.mean(r[k]), best[k]) else cell)
+        lines.append(f"| {r['entry']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write(rows: list[dict], runs: list[dict], base: ExperimentConfig, seeds: list[int], out: str) -> None:
+    path = Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    title = (f"target-domain test metrics, {Path(base.data).name}, backbone {base.model.backbone}, "
+             f"seeds {seeds} (mean ± std)")
+    (path / "leaderboard.md").write_text(markdown(rows, title))
+    (path / "leaderboard.json").write_text(json.dumps({"runs": runs, "config": base.to_dict()}, indent=2,
+                                                      default=str))
+    plot(rows, path / "leaderboard.png", title)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.5 * len(METRICS), 0.45 * len(rows) + 1.8))
+    labels = [r["entry"] for r in rows]
+    for ax, (k, name, _) in zip(axes, METRICS):
+        means = [np.mean(r[k]) for r in rows]
+        stds = [np.std(r[k], ddof=1) if len(r[k]) > 1 else 0.0 for r in rows]
+        ax.barh(labels, means, xerr=stds, color="#4c72b0", capsize=3)
+        lo, hi = min(means) - 2 * max(stds + [0.005]), max(means) + 2 * max(stds + [0.005])
+        ax.set_xlim(lo, hi)
+        ax.set_title(name)
+        ax.invert_yaxis()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,111 @@
+"""Ray Tune over any config keys of a method's last stage, ASHA on target-validation AUC.
+
+A trial is a Tune function trainable (Ray Train V2): it applies its sampled overrides
+(dotted keys: ``train.lr``, ``model.deep``, ``method_args.alpha``), runs the upstream
+stages through the pipeline (content-addressed: trials that share them train them once),
+then fits the tuned stage's ``TorchTrainer`` with ``TuneReportCallback`` so every epoch's
+``valid_auc`` reaches the scheduler.
+
+Search spaces are YAML: a key maps to ``{loguniform: [lo, hi]}``, ``{uniform: [lo, hi]}``,
+``{randint: [lo, hi]}``, ``{choice: [...]}`` or a fixed value. Methods add their own
+spaces (``SPACES``); ``common`` holds the keys every method shares.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raytrain_ctr import pipeline
+from raytrain_ctr.config import ExperimentConfig
+from raytrain_ctr.data.dataset import CTRDataset
+from raytrain_ctr.methods import get_method
+from raytrain_ctr.spec import SpecError
+
+SPACES: dict[str, dict[str, Any]] = {
+    "common": {"train.lr": {"loguniform": [1e-4, 3e-3]}, "train.sparse_lr": {"loguniform": [1e-3, 5e-2]},
+               "model.embedding_dim": {"choice": [8, 16, 32]}, "train.batch_size": {"choice": [512, 1024, 2048]}},
+    "l2sp": {"method_args.alpha": {"loguniform": [1e-5, 1e-1]}},
+}
+
+
+def to_tune(space: dict[str, Any]) -> dict[str, Any]:
+    from ray import tune
+
+    kinds = {"loguniform": tune.loguniform, "uniform": tune.uniform, "randint": tune.randint,
+             "choice": tune.choice, "grid": tune.grid_search}
+    out = {}
+    for key, spec in space.items():
+        if isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in kinds:
+            (kind, value), = spec.items()
+            out[key] = kinds[kind](value) if kind in ("choice", "grid") else kinds[kind](*value)
+        elif isinstance(spec, dict):
+            raise SpecError(f"search space key '{key}': expected one of {sorted(kinds)}, got {sorted(spec)}")
+        else:
+            out[key] = spec
+    return out
+
+
+def load_space(path: str | None, method: str) -> dict[str, Any]:
+    if path:
+        raw = yaml.safe_load(Path(path).read_text())
+        if not isinstance(raw, dict):
+            raise SpecError(f"{path}: a search space is a mapping of config keys")
+        return raw
+    return {**SPACES["common"], **SPACES.get(method, {})}
+
+
+def _trial(params: dict[str, Any], base: dict) -> None:
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    cfg = ExperimentConfig.with_overrides(base["cfg"], {**params, "name": f"trial-{tune.get_context().get_trial_id()}"})
+    method = get_method(cfg.method, cfg.method_args)
+    *upstream, last = method.stages
+    for st in upstream:
+        pipeline.run(cfg, stage=st.name)
+    pipeline.run(cfg, stage=last.name, callbacks=[TuneReportCallback()])
+
+
+def tune_method(cfg: ExperimentConfig, space: dict[str, Any], num_samples: int, max_concurrent: int,
+                out: str, grace_epochs: int = 1) -> list[dict]:
+    """Search ``space`` around ``cfg``; writes ``tune_results.md`` and returns the trials, best first."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    for key in space:  # fail before any trial on a key the config does not have
+        cfg.with_overrides({key: _sample_value(space[key])})
+    CTRDataset.load(cfg.data)
+    scheduler = ASHAScheduler(metric="valid_auc", mode="max", max_t=cfg.train.epochs, grace_period=grace_epochs,
+                              time_attr="training_iteration")
+    tuner = tune.Tuner(
+        tune.with_parameters(_trial, base={"cfg": cfg}),
+        param_space=to_tune(space),
+        tune_config=tune.TuneConfig(num_samples=num_samples, max_concurrent_trials=max_concurrent,
+                                    scheduler=scheduler),
+        run_config=tune.RunConfig(name=f"tune-{cfg.method}", storage_path=str(Path(out).absolute())),
+    )
+    grid = tuner.fit()
+    trials = []
+    for r in grid:
+        if r.metrics is None:
+            continue
+        trials.append({"valid_auc": r.metrics.get("valid_auc"), "epochs": r.metrics.get("training_iteration"),
+                       **{k: r.config.get(k) for k in space}})
+    trials.sort(key=lambda t: -(t["valid_auc"] or -1))
+    lines = ["| valid AUC | epochs | " + " | ".join(space) + " |", "|---|---|" + "---|" * len(space)]
+    for t in trials:
+        lines.append(f"| {t['valid_auc']:.4f} | {t['epochs']} | " + " | ".join(str(t[k]) for k in space) + " |")
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "tune_results.md").write_text("\n".join(lines) + "\n")
+    return trials
+
+
+def _sample_value(spec: Any) -> Any:
+    """A representative value of a space entry (for checking keys up front)."""
+    if isinstance(spec, dict) and len(spec) == 1:
+        (kind, value), = spec.items()
+        return value[0]
+    return spec
