@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,9 +29,10 @@ def ray_head(tmp_path):
     if not (Path.home() / ".ray" / "auth_token").exists():
         subprocess.run([BIN / "ray", "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
     port, dash = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's unix socket paths have a length limit
     head = subprocess.Popen(
         [BIN / "ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=4", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={tmp_path / 'ray'}"],
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp_dir}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 120
@@ -48,6 +50,7 @@ def ray_head(tmp_path):
         head.wait(60)
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_ray_job_submit_runs_a_method(ray_head, tiny_data, tmp_path):
