@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import torch
 
 from raytrain_ctr.config import ExperimentConfig
 from raytrain_ctr.data.dataset import CTRDataset, DataError, join, resolve
@@ -64,7 +65,8 @@ def check_stage_inputs(cfg: ExperimentConfig, dataset: CTRDataset, stage: Stage)
     for d in (*stage.train_domains, stage.eval_domain):
         dataset.domain(d)
     specs = {d: dataset.domain(d).spec for d in dataset.domains}
-    method.build(StageContext(stage, specs, cfg.model, method.args, None))
+    with torch.device("meta"):  # shapes only: no memory for (possibly huge) tables on the driver
+        method.build(StageContext(stage, specs, cfg.model, method.args, None))
 
 
 def stage_keys(cfg: ExperimentConfig, method: Method) -> dict[str, str]:
@@ -114,10 +116,9 @@ def run_stage(cfg: ExperimentConfig, dataset: CTRDataset, stage: Stage, keys: di
             pafs.copy_files(upstream, str(local))
             upstream = str(local)
     tc = stage_train_config(cfg, stage.overrides)
-    if tc.deterministic:
-        from ray.data import DataContext
+    from ray.data import DataContext
 
-        DataContext.get_current().execution_options.preserve_order = True
+    DataContext.get_current().execution_options.preserve_order = tc.deterministic
     cache = tc.cache_mb << 20
     splits = {dataset_key(d, "train"): read_split(dataset, d, "train", shuffle_files=tc.shuffle_buffer > 0,
                                                   seed=tc.seed, cache_below_bytes=cache)

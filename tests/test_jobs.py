@@ -60,7 +60,11 @@ def test_ray_job_submit_runs_a_method(ray_head, tiny_data, tmp_path):
            sys.executable, "jobs/run.py", "--config", "jobs/configs/finetune.yaml",
            "--set", f"data={tiny_data}", "--set", f"storage={storage}", "--set", "train.epochs=1",
            "--set", "model.deep=[32]"]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    for _ in range(30):  # the job agent may come up a little after the dashboard answers
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+        if "No available agent to submit job" not in out.stdout + out.stderr:
+            break
+        time.sleep(2)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "finetune/finetune: best epoch 0; target test AUC" in out.stdout
     stages = sorted(p.name.split("-")[0] for p in (storage / "stages").iterdir())

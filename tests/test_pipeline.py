@@ -131,3 +131,15 @@ def test_checkpoint_that_does_not_fit_the_spec(tiny_data):
     small = build_model(specs, ModelConfig(embedding_dim=4)).state_dict()
     with pytest.raises(StateMismatchError, match=r"'embedding.tables.user.weight' has shape \(\d+, 4\) but the model"):
         load_filtered(build_model(specs, ModelConfig(embedding_dim=8)), small, source="old.pt")
+
+
+def test_keep_plugs_frozen_pretrained_embeddings(finetune_run, tiny_data):
+    cfg, first = finetune_run
+    res = pipeline.run(config(tiny_data, cfg.storage, "keep"))
+    assert res["pretrain"]["skipped"] and res["pretrain"]["artifact"] == first["pretrain"]["artifact"]
+    pre = torch.load(Path(res["pretrain"]["artifact"], "model.pt"))
+    plug = torch.load(Path(res["plugin"]["artifact"], "model.pt"))
+    assert sorted(k for k in plug if k.startswith("plug.")) == ["plug.tables.item.weight", "plug.tables.user.weight"]
+    for t in ("user", "item"):
+        assert torch.equal(plug[f"plug.tables.{t}.weight"], pre[f"embedding.tables.{t}.weight"])
+    assert res["plugin"]["test_auc"] > 0.55

@@ -1,0 +1,62 @@
+"""L2-SP's penalty (in process, with the loop's own step code)."""
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from raytrain_ctr.config import TrainConfig
+from raytrain_ctr.data.dataset import CTRDataset
+from raytrain_ctr.data.encode import FeatureEncoder
+from raytrain_ctr.methods import get_method
+from raytrain_ctr.models.backbones import ModelConfig
+from raytrain_ctr.train.local import fit_local
+from raytrain_ctr.train.loop import build_stage_model
+
+
+def load(ds, domain, split):
+    return FeatureEncoder(ds.domain(domain).spec).encode(
+        pa.concat_tables([pq.read_table(f) for f in ds.files(domain, split)]))
+
+
+def distance(a: dict, b: dict, prefix: str) -> float:
+    return sum(float(((a[k] - b[k]) ** 2).sum()) for k in a if k.startswith(prefix))
+
+
+def test_l2sp_stays_closer_to_the_pretrained_weights(tiny_data, tmp_path):
+    ds = CTRDataset.load(tiny_data)
+    specs = {d: ds.domain(d).spec for d in ds.domains}
+    mcfg, tc = ModelConfig(backbone="dcn", deep=(32,)), TrainConfig(epochs=2, batch_size=512, sparse_lr=0.01)
+    target, valid = load(ds, "target", "train"), load(ds, "target", "valid")
+    src = get_method("source_only")
+    pre = fit_local(src, src.stages[0], specs, mcfg, tc, {"source": load(ds, "source", "train")}, valid)
+    path = tmp_path / "pre.pt"
+    torch.save(pre.model.state_dict(), path)
+    w0 = pre.model.state_dict()
+    moved = {}
+    for name, args in (("finetune", {}), ("l2sp", {"alpha": 1.0})):
+        m = get_method(name, args)
+        res = fit_local(m, m.stage("finetune"), specs, mcfg, tc, {"target": target}, valid, upstream=str(path))
+        moved[name] = {p: distance(res.model.state_dict(), w0, p) for p in ("backbone.", "embedding.")}
+        assert res.best_valid_auc > 0.6
+    assert moved["l2sp"]["backbone."] < 0.5 * moved["finetune"]["backbone."]
+    assert moved["l2sp"]["embedding."] < moved["finetune"]["embedding."]
+
+
+def test_l2sp_penalty_touches_only_the_batch_rows(tiny_data, tmp_path):
+    ds = CTRDataset.load(tiny_data)
+    specs = {d: ds.domain(d).spec for d in ds.domains}
+    m = get_method("l2sp", {"alpha": 1.0})
+    model, ctx = build_stage_model(m, m.stage("pretrain"), specs, ModelConfig(deep=(8,)), None)
+    path = tmp_path / "w.pt"
+    torch.save(model.state_dict(), path)
+    model, ctx = build_stage_model(m, m.stage("finetune"), specs, ModelConfig(deep=(8,)), str(path))
+    with torch.no_grad():
+        for e in model.embedding.tables.values():
+            e.weight.add_(0.1)  # move away from the reference so the penalty has a gradient
+    batch = load(ds, "target", "valid").select(slice(0, 16))
+    m.penalty(model, {"target": batch}, ctx).backward()
+    grad = model.embedding.tables["item"].weight.grad
+    assert grad.is_sparse
+    touched = set(grad.coalesce().indices()[0].tolist())
+    expected = set(torch.cat([batch.sparse["item_id"], batch.sparse["hist_items"].reshape(-1)]).tolist()) - {0}
+    assert touched == expected
