@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 
@@ -10,15 +11,20 @@ def init_ray(num_cpus: int | None = None, address: str | None = None) -> None:
 
     A local Ray gets more logical CPUs than cores (at least 4): training workers hold
     CPUs for their whole run, and Ray Data's read tasks must still be scheduled beside
-    them, or the ingest stalls on a small machine.
+    them, or the ingest stalls on a small machine. Worker logs reach this terminal only
+    with ``RAYTRAIN_CTR_VERBOSE=1`` (failures are raised here either way, with the
+    worker's traceback).
     """
     import ray
 
     if ray.is_initialized():
         return
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    verbose = os.environ.get("RAYTRAIN_CTR_VERBOSE", "0") == "1"
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=verbose)
         return
     cpus = num_cpus or max(4, 2 * (os.cpu_count() or 2))
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=verbose,
+             logging_level=logging.INFO if verbose else logging.WARNING)

@@ -78,8 +78,9 @@ def tune_method(cfg: ExperimentConfig, space: dict[str, Any], num_samples: int, 
     for key in space:  # fail before any trial on a key the config does not have
         cfg.with_overrides({key: _sample_value(space[key])})
     CTRDataset.load(cfg.data)
-    scheduler = ASHAScheduler(metric="valid_auc", mode="max", max_t=cfg.train.epochs, grace_period=grace_epochs,
-                              time_attr="training_iteration")
+    # one report per epoch, then the stage's final report (test metrics, artifact): max_t leaves room for it
+    scheduler = ASHAScheduler(metric="valid_auc", mode="max", max_t=cfg.train.epochs + 1,
+                              grace_period=grace_epochs, time_attr="training_iteration")
     tuner = tune.Tuner(
         tune.with_parameters(_trial, base={"cfg": cfg}),
         param_space=to_tune(space),
@@ -92,12 +93,15 @@ def tune_method(cfg: ExperimentConfig, space: dict[str, Any], num_samples: int, 
     for r in grid:
         if r.metrics is None:
             continue
-        trials.append({"valid_auc": r.metrics.get("valid_auc"), "epochs": r.metrics.get("training_iteration"),
+        trials.append({"valid_auc": r.metrics.get("valid_auc"), "reports": r.metrics.get("training_iteration"),
+                       "test_auc": r.metrics.get("test_auc"),
                        **{k: r.config.get(k) for k in space}})
     trials.sort(key=lambda t: -(t["valid_auc"] or -1))
-    lines = ["| valid AUC | epochs | " + " | ".join(space) + " |", "|---|---|" + "---|" * len(space)]
+    lines = ["| valid AUC | test AUC | reports | " + " | ".join(space) + " |", "|---|---|---|" + "---|" * len(space)]
     for t in trials:
-        lines.append(f"| {t['valid_auc']:.4f} | {t['epochs']} | " + " | ".join(str(t[k]) for k in space) + " |")
+        test = "stopped early" if t["test_auc"] is None else f"{t['test_auc']:.4f}"
+        lines.append(f"| {t['valid_auc']:.4f} | {test} | {t['reports']} | " + " | ".join(str(t[k]) for k in space)
+                     + " |")
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "tune_results.md").write_text("\n".join(lines) + "\n")
     return trials

@@ -191,6 +191,7 @@ def train_stage(config: dict) -> None:
     def eval_batches(split: str) -> Iterator[Batch]:
         return iter_domain(ray.train.get_dataset_shard(dataset_key(eval_domain, split)), encoders[eval_domain],
                            max(batch_sizes.values()))
+
     for epoch in range(start_epoch, tc.epochs):
         if best["bad"] >= tc.patience:
             break

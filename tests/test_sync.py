@@ -1,0 +1,51 @@
+"""Two gloo workers, each stepping on half of a batch, make the same update as one process on all of it."""
+
+import os
+import socket
+
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from raytrain_ctr.config import TrainConfig
+from raytrain_ctr.data.dataset import CTRDataset
+from raytrain_ctr.data.encode import FeatureEncoder
+from raytrain_ctr.methods import get_method
+from raytrain_ctr.models.backbones import ModelConfig
+from raytrain_ctr.train.loop import build_stage_model, make_optimizers, train_step
+from raytrain_ctr.train.sync import GradientSync
+
+
+def steps(data: str, rank: int, world: int, n_steps: int = 3) -> dict:
+    ds = CTRDataset.load(data)
+    specs = {d: ds.domain(d).spec for d in ds.domains}
+    batch = FeatureEncoder(specs["target"]).encode(pq.read_table(ds.files("target", "train")[0]).slice(0, 512))
+    m = get_method("all")
+    torch.manual_seed(0)
+    model, ctx = build_stage_model(m, m.stages[0], specs, ModelConfig(backbone="dcn", deep=(16,)), None)
+    opts = make_optimizers(model, TrainConfig(lr=0.01, sparse_lr=0.05))
+    sync = GradientSync(model)
+    for s in range(n_steps):
+        part = batch.select(slice(s * 128 + rank * 128 // world, s * 128 + (rank + 1) * 128 // world))
+        train_step(m, model, ctx, {"target": part} if len(part) else {}, opts, sync)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def worker(rank: int, world: int, port: int, data: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.save(steps(data, rank, world), f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_workers_equal_one_process(tiny_data, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(2, port, tiny_data, str(tmp_path)), nprocs=2, join=True)
+    single = steps(tiny_data, 0, 1)
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    for k in single:
+        assert torch.equal(r0[k], r1[k]), f"workers disagree on {k}"
+        assert torch.allclose(r0[k], single[k], atol=1e-5), f"{k} differs from the one-process update"
