@@ -18,6 +18,7 @@ from itertools import zip_longest
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 from ray.train import DataConfig
 
@@ -65,29 +66,32 @@ def read_split(dataset: CTRDataset, domain: str, split: str, window: TimeWindow 
                min_blocks: int = 32, cache_below_bytes: int = 0):
     """A Ray Dataset of one domain's split (optionally a time window of it).
 
-    Lazy and streamed, except that a split smaller than ``cache_below_bytes`` on disk is
-    materialised once in the object store: re-reading it every epoch would cost more in
-    pipeline start-up (seconds) than the read itself.
+    Lazy and streamed through ``read_parquet``, except that a split smaller than
+    ``cache_below_bytes`` on disk is read once here with pyarrow and put in the object
+    store as ``min_blocks`` blocks: re-reading it every epoch, or even materialising it
+    through a Ray Data pipeline, costs more in start-up (seconds) than the read itself.
     """
     import ray
 
     dom = dataset.domain(domain)
     files = dataset.files(domain, split)
     check_schema(dom, files, dataset.filesystem)
+    if window and not dom.spec.time:
+        raise ValueError(f"domain '{domain}' has no time field in its spec: cannot select a time window")
     columns = dom.columns + [c for c in extra_columns if c not in dom.columns]
+    w = window or TimeWindow()
+    keep = {"where": dom.where, "time_col": dom.spec.time, "start": w.start, "end": w.end}
+    if cache_below_bytes and on_disk_bytes(dataset, files) < cache_below_bytes:
+        table = _filter_rows(pq.read_table(files, columns=columns, filesystem=dataset.filesystem), **keep)
+        step = max(1, -(-table.num_rows // min_blocks))
+        return ray.data.from_arrow([table.slice(i, step) for i in range(0, max(table.num_rows, 1), step)])
     shuffle = None
     if shuffle_files:
         shuffle = ray.data.FileShuffleConfig(seed=seed) if seed is not None else "files"
     ds = ray.data.read_parquet(files, filesystem=dataset.filesystem, shuffle=shuffle).select_columns(columns)
     ds.context.target_max_block_size = block_bytes(dataset, files, min_blocks)
-    if window and not dom.spec.time:
-        raise ValueError(f"domain '{domain}' has no time field in its spec: cannot select a time window")
     if dom.where or window:
-        w = window or TimeWindow()
-        ds = ds.map_batches(_filter_rows, batch_format="pyarrow", batch_size=None,
-                            fn_kwargs={"where": dom.where, "time_col": dom.spec.time, "start": w.start, "end": w.end})
-    if cache_below_bytes and on_disk_bytes(dataset, files) < cache_below_bytes:
-        ds = ds.materialize()
+        ds = ds.map_batches(_filter_rows, batch_format="pyarrow", batch_size=None, fn_kwargs=keep)
     return ds
 
 

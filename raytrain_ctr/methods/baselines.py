@@ -35,31 +35,29 @@ def pretrain_stage(args: dict) -> Stage:
     return Stage("pretrain", PRETRAIN_DOMAINS[which], plain=True)
 
 
-class TargetOnly(Method):
-    name = "target_only"
+class Plain(Method):
+    """One plain supervised stage on ``domains``, evaluated on the target."""
+
+    domains: tuple[str, ...] = ()
+
+    @property
+    def stages(self) -> list[Stage]:
+        return [Stage("train", self.domains, plain=True)]
+
+
+class TargetOnly(Plain):
+    name, domains = "target_only", ("target",)
     description = "train and test on the target domain"
 
-    @property
-    def stages(self) -> list[Stage]:
-        return [Stage("train", ("target",), plain=True)]
 
-
-class SourceOnly(Method):
-    name = "source_only"
+class SourceOnly(Plain):
+    name, domains = "source_only", ("source",)
     description = "train on the source domain, test on the target"
 
-    @property
-    def stages(self) -> list[Stage]:
-        return [Stage("train", ("source",), plain=True)]
 
-
-class All(Method):
-    name = "all"
+class All(Plain):
+    name, domains = "all", ("source", "target")
     description = "train on source and target together, test on the target"
-
-    @property
-    def stages(self) -> list[Stage]:
-        return [Stage("train", ("source", "target"), plain=True)]
 
 
 class FineTune(Method):
