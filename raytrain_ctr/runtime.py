@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import tempfile
+from pathlib import Path
+from typing import Any
 
 
 def init_ray(num_cpus: int | None = None, address: str | None = None) -> None:
@@ -28,3 +32,25 @@ def init_ray(num_cpus: int | None = None, address: str | None = None) -> None:
     cpus = num_cpus or max(4, 2 * (os.cpu_count() or 2))
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=verbose,
              logging_level=logging.INFO if verbose else logging.WARNING)
+
+
+def report(metrics: dict, files: dict[str, Any] | None = None) -> None:
+    """``ray.train.report`` from every worker; rank 0 attaches a checkpoint holding ``files``.
+
+    Ray Train V2 keeps only metrics that come with a checkpoint (``Result.metrics``), so
+    rank 0 always attaches one, empty if there are no files. ``*.json`` files are written
+    as JSON, the others with ``torch.save``.
+    """
+    import ray.train
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if ray.train.get_context().get_world_rank() == 0:
+            for name, obj in (files or {}).items():
+                if name.endswith(".json"):
+                    Path(tmp, name).write_text(json.dumps(obj, indent=2))
+                else:
+                    torch.save(obj, Path(tmp, name))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)

@@ -25,6 +25,7 @@ from ray.train import DataConfig
 from raytrain_ctr.data.dataset import CTRDataset
 from raytrain_ctr.data.encode import Batch, FeatureEncoder
 from raytrain_ctr.data.validate import check_schema
+from raytrain_ctr.runtime import report
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,6 @@ def joint(primary: Iterable[Batch], secondary: Iterable[Batch]) -> Iterator[tupl
 
 def _stream_loop(config: dict) -> None:
     """Worker loop of :func:`stream`: iterate each domain's shard, count rows, optionally dump ids."""
-    import tempfile
     import time
 
     import numpy as np
@@ -168,10 +168,7 @@ def _stream_loop(config: dict) -> None:
             dist.all_reduce(stats[1:], op=dist.ReduceOp.MAX)
         totals[f"{domain}_rows"] = int(stats[0])
         totals[f"{domain}_rows_per_s"] = float(stats[0] / max(float(stats[1]), 1e-9))
-    # Train V2 keeps only metrics that come with a checkpoint: rank 0 attaches an empty one.
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = ray.train.Checkpoint.from_directory(tmp) if ctx.get_world_rank() == 0 else None
-        ray.train.report(totals, checkpoint=ckpt)
+    report(totals)
 
 
 def stream(dataset: CTRDataset, split: str = "train", num_workers: int = 2, batch_size: int = 4096,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
@@ -31,6 +30,7 @@ from raytrain_ctr.data.encode import Batch, FeatureEncoder
 from raytrain_ctr.data.ingest import iter_domain
 from raytrain_ctr.methods import Method, Stage, StageContext, get_method
 from raytrain_ctr.models.backbones import ModelConfig
+from raytrain_ctr.runtime import report
 from raytrain_ctr.spec import DomainSpec
 from raytrain_ctr.train import metrics as M
 from raytrain_ctr.train.state import freeze, load_filtered
@@ -135,21 +135,6 @@ def _maybe_fail(tc: TrainConfig, epoch: int, step: int, marker_dir: str) -> None
         os._exit(1)
 
 
-def _report(metrics: dict, files: dict[str, Any]) -> None:
-    """Report metrics; rank 0 attaches a checkpoint holding ``files`` (Train V2 keeps metrics with checkpoints)."""
-    rank = ray.train.get_context().get_world_rank()
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if rank == 0:
-            for name, obj in files.items():
-                if name.endswith(".json"):
-                    Path(tmp, name).write_text(json.dumps(obj, indent=2))
-                else:
-                    torch.save(obj, Path(tmp, name))
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint)
-
-
 def train_stage(config: dict) -> None:
     """``train_loop_per_worker`` of a stage. ``config`` holds the experiment, stage name, specs,
     per-domain batch sizes, and the upstream model state path."""
@@ -173,7 +158,7 @@ def train_stage(config: dict) -> None:
             if (Path(d) / METRICS_FILE).exists():  # the stage had finished: report its result again
                 final = json.loads((Path(d) / METRICS_FILE).read_text())
                 model_state = torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True)
-                _report({k: v for k, v in final.items() if k != "history"},
+                report({k: v for k, v in final.items() if k != "history"},
                         {MODEL_FILE: model_state, METRICS_FILE: final})
                 return
             saved = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
@@ -217,7 +202,7 @@ def train_stage(config: dict) -> None:
                    "epoch_seconds": time.perf_counter() - t0, "resumed_from_epoch": resumed_from,
                    **{f"valid_{k}": v for k, v in valid.items()}}
         history.append(metrics)
-        _report(metrics, {STATE_FILE: {
+        report(metrics, {STATE_FILE: {
             "model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
             "rng": torch.get_rng_state(), "epoch": epoch, "best": best, "history": history}})
 
@@ -227,4 +212,4 @@ def train_stage(config: dict) -> None:
     final = {"stage": stage.name, "method": method.name, "best_epoch": best["epoch"],
              "valid_auc": best["auc"], "resumed_from_epoch": resumed_from, "final": True,
              **{f"test_{k}": v for k, v in test.items()}}
-    _report(final, {MODEL_FILE: model.state_dict(), METRICS_FILE: {**final, "history": history}})
+    report(final, {MODEL_FILE: model.state_dict(), METRICS_FILE: {**final, "history": history}})
