@@ -22,7 +22,7 @@ from torch import nn
 from raytrain_ctr.data.encode import Batch
 from raytrain_ctr.embedding.collection import EmbeddingCollection
 from raytrain_ctr.methods.base import Method, Stage, StageContext
-from raytrain_ctr.models.backbones import Backbone, CTRModel, dense_fields_of, tables_with_dim
+from raytrain_ctr.models.backbones import Backbone, CTRModel, tables_with_dim
 from raytrain_ctr.spec import SpecError, merge_tables
 
 PRETRAIN_DOMAINS = {"source": ("source",), "all": ("source", "target")}
@@ -150,7 +150,6 @@ class KEEP(Method):
             raise SpecError("method 'keep' plugs extra features into the deep input; use dnn, dcn or dcnv2")
         specs = list(ctx.specs.values())
         plug = EmbeddingCollection(tables_with_dim(merge_tables(specs), ctx.model_cfg.embedding_dim), id_fields(ctx))
-        assert dense_fields_of(specs) == base.dense_fields
         return PlugInModel(base, plug, ctx.model_cfg)
 
     def prepare(self, model: nn.Module, ctx: StageContext) -> None:
