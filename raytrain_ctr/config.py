@@ -25,13 +25,17 @@ import yaml
 from raytrain_ctr.models.backbones import ModelConfig
 from raytrain_ctr.spec import SpecError, check_keys
 
+SPARSE_OPTIMIZERS = ("adam", "adagrad", "rowwise_adagrad", "sgd")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 5
     batch_size: int = 2048          # rows per step per worker, over all the step's domains
     lr: float = 1e-3                # dense parameters (Adam)
-    sparse_lr: float | None = None  # embedding tables (SparseAdam); None = lr
+    sparse_lr: float | None = None  # embedding tables; None = lr
+    sparse_optimizer: str = "adam"  # embedding tables: adam | adagrad | sgd (local), rowwise_adagrad (torchrec)
+    sparse_eps: float = 1e-8        # Adam/Adagrad epsilon of the tables' optimizer
     weight_decay: float = 0.0       # dense parameters only
     patience: int = 2               # early stopping on target-validation AUC
     seed: int = 0
@@ -41,6 +45,11 @@ class TrainConfig:
     max_failures: int = 1           # worker failures survived per stage (resume from last checkpoint)
     deterministic: bool = False     # keep block order (reproducible data order, slower)
     fail_once_at_epoch: int | None = None  # testing aid: a worker dies once at this epoch's start
+
+    def __post_init__(self) -> None:
+        if self.sparse_optimizer not in SPARSE_OPTIMIZERS:
+            raise SpecError(f"train.sparse_optimizer: unknown optimizer '{self.sparse_optimizer}' "
+                            f"(one of {list(SPARSE_OPTIMIZERS)})")
 
 
 @dataclass(frozen=True)

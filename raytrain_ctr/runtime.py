@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,18 +35,23 @@ def init_ray(num_cpus: int | None = None, address: str | None = None) -> None:
              logging_level=logging.INFO if verbose else logging.WARNING)
 
 
-def report(metrics: dict, files: dict[str, Any] | None = None) -> None:
+def report(metrics: dict, files: dict[str, Any] | None = None,
+           every_worker: Callable[[Path], None] | None = None) -> None:
     """``ray.train.report`` from every worker; rank 0 attaches a checkpoint holding ``files``.
 
     Ray Train V2 keeps only metrics that come with a checkpoint (``Result.metrics``), so
     rank 0 always attaches one, empty if there are no files. ``*.json`` files are written
-    as JSON, the others with ``torch.save``.
+    as JSON, the others with ``torch.save``. ``every_worker(dir)`` writes each worker's own
+    files (its table shards); Ray Train merges the workers' files into one checkpoint.
     """
     import ray.train
     import torch
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
+        if every_worker is not None:
+            every_worker(Path(tmp))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
         if ray.train.get_context().get_world_rank() == 0:
             for name, obj in (files or {}).items():
                 if name.endswith(".json"):

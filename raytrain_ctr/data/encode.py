@@ -132,3 +132,14 @@ class FeatureEncoder:
         extra = {c: torch.from_numpy(data.column(c).to_numpy()) for c in self.extra_columns}
         return Batch(spec.domain, cols, torch.from_numpy(dense), torch.from_numpy(label), user, time, extra,
                      tuple(f.name for f in dense_fields))
+
+    def empty(self) -> Batch:
+        """A batch of zero rows with this domain's shapes (a worker whose shard ran out steps
+        with it while sharded tables keep the workers in lockstep)."""
+        spec = self.spec
+        sparse = {f.name: torch.zeros((0,) if f.type == "categorical" else (0, f.max_len), dtype=torch.long)
+                  for f in spec.sparse_fields}
+        z = torch.zeros(0, dtype=torch.long)
+        return Batch(spec.domain, sparse, torch.zeros(0, len(spec.dense_fields)), torch.zeros(0),
+                     z if spec.user_id else None, z if spec.time else None,
+                     {c: z for c in self.extra_columns}, tuple(f.name for f in spec.dense_fields))

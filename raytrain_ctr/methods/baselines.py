@@ -20,9 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from raytrain_ctr.data.encode import Batch
-from raytrain_ctr.embedding.collection import EmbeddingCollection
 from raytrain_ctr.methods.base import Method, Stage, StageContext
-from raytrain_ctr.models.backbones import Backbone, CTRModel, tables_with_dim
+from raytrain_ctr.models.backbones import Backbone, CTRModel, embedding_for
 from raytrain_ctr.spec import SpecError, merge_tables
 
 PRETRAIN_DOMAINS = {"source": ("source",), "all": ("source", "target")}
@@ -79,6 +78,9 @@ class L2SP(FineTune):
     def prepare(self, model: nn.Module, ctx: StageContext) -> None:
         if ctx.stage.init_from is None:
             return
+        if ctx.model_cfg.embedding_backend != "local":
+            raise SpecError("method 'l2sp' penalises embedding rows through their gradients; the torchrec "
+                            "backend's fused optimizer takes none (use model.embedding_backend: local)")
         self.reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.tables = {name: e for name, e in model.named_modules() if isinstance(e, nn.Embedding)}
 
@@ -106,7 +108,7 @@ class L2SP(FineTune):
 class PlugInModel(CTRModel):
     """A target model whose input also holds frozen pre-trained embeddings of some fields."""
 
-    def __init__(self, base: CTRModel, plug: EmbeddingCollection, cfg):
+    def __init__(self, base: CTRModel, plug: nn.Module, cfg):
         nn.Module.__init__(self)
         self.embedding, self.dense_fields, self.pooled_names = base.embedding, base.dense_fields, base.pooled_names
         self.plug = plug
@@ -149,12 +151,9 @@ class KEEP(Method):
         if ctx.model_cfg.backbone == "deepfm":
             raise SpecError("method 'keep' plugs extra features into the deep input; use dnn, dcn or dcnv2")
         specs = list(ctx.specs.values())
-        plug = EmbeddingCollection(tables_with_dim(merge_tables(specs), ctx.model_cfg.embedding_dim), id_fields(ctx))
-        return PlugInModel(base, plug, ctx.model_cfg)
+        return PlugInModel(base, embedding_for(specs, id_fields(ctx), ctx.model_cfg), ctx.model_cfg)
 
     def prepare(self, model: nn.Module, ctx: StageContext) -> None:
         if ctx.stage.init_from is None:
             return
-        with torch.no_grad():
-            for name, table in model.plug.tables.items():
-                table.weight.copy_(ctx.upstream[f"embedding.tables.{name}.weight"])
+        model.plug.load_state_dict({k: ctx.upstream[f"embedding.{k}"] for k in model.plug.state_dict()})

@@ -8,13 +8,13 @@ per layer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 from raytrain_ctr.data.encode import Batch
-from raytrain_ctr.embedding.collection import EmbeddingCollection, fields_of
+from raytrain_ctr.embedding import BACKENDS, fields_of, make_embedding
 from raytrain_ctr.layers.interaction import CrossLayer, CrossLayerV2, fm_interaction
 from raytrain_ctr.layers.mlp import DeepLayer
 from raytrain_ctr.spec import DomainSpec, SpecError, TableSpec, merge_tables
@@ -29,10 +29,16 @@ class ModelConfig:
     cross_layers: int = 3
     dropout: float = 0.0
     embedding_dim: int | None = None  # overrides every table's dim when set
+    embedding_backend: str = "local"  # local | torchrec (tables sharded across workers)
+    sharding: dict[str, str] = field(default_factory=dict)  # torchrec: table -> table_wise|row_wise|column_wise|...
+    row_wise_from_rows: int = 1_000_000  # torchrec: unconfigured tables this large are row-wise, others table-wise
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
             raise SpecError(f"model.backbone: unknown backbone '{self.backbone}' (one of {list(BACKBONES)})")
+        if self.embedding_backend not in BACKENDS:
+            raise SpecError(f"model.embedding_backend: unknown backend '{self.embedding_backend}' "
+                            f"(one of {list(BACKENDS)})")
 
 
 def deep_layers(in_dim: int, sizes: tuple[int, ...], dropout: float) -> nn.ModuleList:
@@ -71,7 +77,7 @@ class Backbone(nn.Module):
 class CTRModel(nn.Module):
     """Embedding layer + backbone. Fields of every domain it serves; absent ones read as zeros."""
 
-    def __init__(self, embedding: EmbeddingCollection, dense_fields: list[str], cfg: ModelConfig):
+    def __init__(self, embedding: nn.Module, dense_fields: list[str], cfg: ModelConfig):
         super().__init__()
         self.embedding = embedding
         self.dense_fields = list(dense_fields)
@@ -114,8 +120,12 @@ def dense_fields_of(specs: list[DomainSpec]) -> list[str]:
 
 def build_model(specs: list[DomainSpec], cfg: ModelConfig) -> CTRModel:
     """One model over the union of the domains' fields (so every baseline shares one architecture)."""
-    emb = EmbeddingCollection(tables_with_dim(merge_tables(specs), cfg.embedding_dim), fields_of(specs))
-    return CTRModel(emb, dense_fields_of(specs), cfg)
+    return CTRModel(embedding_for(specs, fields_of(specs), cfg), dense_fields_of(specs), cfg)
+
+
+def embedding_for(specs: list[DomainSpec], fields: list, cfg: ModelConfig) -> nn.Module:
+    """A collection over ``fields``, with the domains' tables, on the configured backend."""
+    return make_embedding(tables_with_dim(merge_tables(specs), cfg.embedding_dim), fields, cfg.embedding_backend)
 
 
 

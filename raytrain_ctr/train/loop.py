@@ -8,6 +8,10 @@ and reported as the stage's artifact.
 
 A restarted worker group (``FailureConfig``) resumes from the last checkpoint: model,
 optimizer state, RNG, best-so-far and history, at the next epoch.
+
+With sharded tables (``model.embedding_backend: torchrec``) every forward pass is a
+collective, so the workers step in lockstep: a worker whose shard ran out steps with an
+empty batch until every worker is done.
 """
 
 from __future__ import annotations
@@ -28,15 +32,16 @@ import torch
 from raytrain_ctr.config import ExperimentConfig, TrainConfig
 from raytrain_ctr.data.encode import Batch, FeatureEncoder
 from raytrain_ctr.data.ingest import iter_domain
+from raytrain_ctr.embedding import is_sharded, shard_model, sharded_parameter_ids, unsharded_state
 from raytrain_ctr.methods import Method, Stage, StageContext, get_method
 from raytrain_ctr.models.backbones import ModelConfig
 from raytrain_ctr.runtime import report
-from raytrain_ctr.spec import DomainSpec
+from raytrain_ctr.spec import DomainSpec, SpecError
 from raytrain_ctr.train import metrics as M
+from raytrain_ctr.train.checkpoint import STATE_FILE, restore, save_sharded, training_state
 from raytrain_ctr.train.state import freeze, load_filtered
 from raytrain_ctr.train.sync import GradientSync, all_reduce_sum, sparse_parameters, world_size
 
-STATE_FILE = "state.pt"
 MODEL_FILE = "model.pt"
 METRICS_FILE = "metrics.json"
 
@@ -49,13 +54,30 @@ def dataset_key(domain: str, split: str) -> str:
     return f"{domain}_{split}"
 
 
+def sparse_optimizer(params: list[torch.nn.Parameter], tc: TrainConfig) -> torch.optim.Optimizer:
+    """The local backend's optimizer of embedding rows (sparse gradients)."""
+    lr = tc.sparse_lr or tc.lr
+    if tc.sparse_optimizer == "adam":
+        return torch.optim.SparseAdam(params, lr=lr, eps=tc.sparse_eps)
+    if tc.sparse_optimizer == "adagrad":
+        return torch.optim.Adagrad(params, lr=lr, eps=tc.sparse_eps)
+    if tc.sparse_optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    raise SpecError(f"train.sparse_optimizer: '{tc.sparse_optimizer}' is fused into TorchRec's kernels; it needs "
+                    f"model.embedding_backend: torchrec")
+
+
 def make_optimizers(model: torch.nn.Module, tc: TrainConfig) -> list[torch.optim.Optimizer]:
+    """A sparse optimizer for local tables, Adam for dense parameters; sharded tables have
+    their optimizer fused into the backward and take none here."""
+    fused = sharded_parameter_ids(model)
     sparse_ids = {id(p) for p in sparse_parameters(model)}
-    sparse = [p for p in model.parameters() if p.requires_grad and id(p) in sparse_ids]
-    dense = [p for p in model.parameters() if p.requires_grad and id(p) not in sparse_ids]
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in fused]
+    sparse = [p for p in params if id(p) in sparse_ids]
+    dense = [p for p in params if id(p) not in sparse_ids]
     opts: list[torch.optim.Optimizer] = []
     if sparse:
-        opts.append(torch.optim.SparseAdam(sparse, lr=tc.sparse_lr or tc.lr))
+        opts.append(sparse_optimizer(sparse, tc))
     if dense:
         opts.append(torch.optim.Adam(dense, lr=tc.lr, weight_decay=tc.weight_decay))
     return opts
@@ -101,13 +123,26 @@ def train_step(method: Method, model: torch.nn.Module, ctx: StageContext, batche
     return float(step_loss.detach()), int(n_global)
 
 
+def lockstep(batches: Iterable[Batch], empty: Batch) -> Iterator[Batch]:
+    """Yield ``batches``, then ``empty`` until every worker's are exhausted (sharded models:
+    each forward pass is a collective)."""
+    it = iter(batches)
+    while True:
+        b = next(it, None)
+        (alive,) = all_reduce_sum([b is not None])
+        if alive == 0:
+            return
+        yield empty if b is None else b
+
+
 def evaluate(method: Method, model: torch.nn.Module, ctx: StageContext, batches: Iterable[Batch],
-             with_users: bool) -> dict[str, float]:
-    """Exact metrics over the whole split: every worker's predictions are gathered first."""
+             with_users: bool, empty: Batch | None = None) -> dict[str, float]:
+    """Exact metrics over the whole split: every worker's predictions are gathered first.
+    With ``empty`` given, workers step in lockstep (sharded models)."""
     model.eval()
     probs, labels, users = [], [], []
     with torch.no_grad():
-        for b in batches:
+        for b in (batches if empty is None else lockstep(batches, empty)):
             probs.append(torch.sigmoid(method.logits(model, b, ctx)))
             labels.append(b.label)
             if b.user is not None:
@@ -147,9 +182,13 @@ def train_stage(config: dict) -> None:
     np.random.seed(tc.seed)
 
     model, ctx = build_stage_model(method, stage, specs, cfg.model, config["upstream"])
+    if cfg.model.embedding_backend == "torchrec":
+        shard_model(model, world_size(), cfg.model.sharding, cfg.model.row_wise_from_rows, tc.sparse_optimizer,
+                    tc.sparse_lr or tc.lr, tc.sparse_eps)
     optimizers = make_optimizers(model, tc)
     sync = GradientSync(model)
     encoders = {d: FeatureEncoder(specs[d]) for d in specs}
+    empties = {d: e.empty() for d, e in encoders.items()} if is_sharded(model) else None
 
     start_epoch, best, history, resumed_from = 0, {"auc": -1.0, "epoch": -1, "state": None, "bad": 0}, [], None
     checkpoint = ray.train.get_checkpoint()
@@ -161,11 +200,7 @@ def train_stage(config: dict) -> None:
                 report({k: v for k, v in final.items() if k != "history"},
                         {MODEL_FILE: model_state, METRICS_FILE: final})
                 return
-            saved = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
-        model.load_state_dict(saved["model"])
-        for opt, st in zip(optimizers, saved["optimizers"]):
-            opt.load_state_dict(st)
-        torch.set_rng_state(saved["rng"])
+            saved = restore(model, optimizers, d)
         start_epoch, best, history = saved["epoch"] + 1, saved["best"], saved["history"]
         resumed_from = start_epoch
 
@@ -173,9 +208,10 @@ def train_stage(config: dict) -> None:
     eval_domain = stage.eval_domain
     with_users = specs[eval_domain].user_id is not None
 
-    def eval_batches(split: str) -> Iterator[Batch]:
-        return iter_domain(ray.train.get_dataset_shard(dataset_key(eval_domain, split)), encoders[eval_domain],
-                           max(batch_sizes.values()))
+    def eval_metrics(split: str) -> dict[str, float]:
+        batches = iter_domain(ray.train.get_dataset_shard(dataset_key(eval_domain, split)), encoders[eval_domain],
+                              max(batch_sizes.values()))
+        return evaluate(method, model, ctx, batches, with_users, empties[eval_domain] if empties else None)
 
     for epoch in range(start_epoch, tc.epochs):
         if best["bad"] >= tc.patience:
@@ -187,13 +223,15 @@ def train_stage(config: dict) -> None:
         loss_sum, rows, steps = 0.0, 0, 0
         while True:
             batches = {d: b for d, it in its.items() if (b := next(it, None)) is not None}
+            if empties:
+                batches = {d: batches[d] if d in batches else empties[d] for d in its}
             step_loss, n_global = train_step(method, model, ctx, batches, optimizers, sync)
             if n_global == 0:
                 break
             loss_sum, rows, steps = loss_sum + step_loss, rows + sum(len(b) for b in batches.values()), steps + 1
             _maybe_fail(tc, epoch, steps, config["run_dir"])
         loss_sum, rows = all_reduce_sum([loss_sum, rows])
-        valid = evaluate(method, model, ctx, eval_batches("valid"), with_users)
+        valid = eval_metrics("valid")
         if valid["auc"] > best["auc"]:
             best = {"auc": valid["auc"], "epoch": epoch, "state": copy.deepcopy(model.state_dict()), "bad": 0}
         else:
@@ -202,14 +240,13 @@ def train_stage(config: dict) -> None:
                    "epoch_seconds": time.perf_counter() - t0, "resumed_from_epoch": resumed_from,
                    **{f"valid_{k}": v for k, v in valid.items()}}
         history.append(metrics)
-        report(metrics, {STATE_FILE: {
-            "model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
-            "rng": torch.get_rng_state(), "epoch": epoch, "best": best, "history": history}})
+        meta, shards = training_state(model, optimizers, epoch, best, history)
+        report(metrics, {STATE_FILE: meta}, None if shards is None else lambda d, s=shards: save_sharded(s, d))
 
     if best["state"] is not None:
         model.load_state_dict(best["state"])
-    test = evaluate(method, model, ctx, eval_batches("test"), with_users)
+    test = eval_metrics("test")
     final = {"stage": stage.name, "method": method.name, "best_epoch": best["epoch"],
              "valid_auc": best["auc"], "resumed_from_epoch": resumed_from, "final": True,
              **{f"test_{k}": v for k, v in test.items()}}
-    report(final, {MODEL_FILE: model.state_dict(), METRICS_FILE: {**final, "history": history}})
+    report(final, {MODEL_FILE: unsharded_state(model), METRICS_FILE: {**final, "history": history}})

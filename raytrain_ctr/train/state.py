@@ -51,11 +51,17 @@ def load_filtered(model: nn.Module, state: dict[str, torch.Tensor], include: tup
     return loaded
 
 
+def local_name(name: str) -> str:
+    """A parameter's name as the ``local`` embedding backend spells it (``embedding.tables.{t}.weight``),
+    so that patterns serve both backends."""
+    return name.replace(".ebc.embedding_bags.", ".tables.")
+
+
 def freeze(model: nn.Module, patterns: tuple[str, ...]) -> list[str]:
     """Set ``requires_grad=False`` on parameters whose names match; returns their names."""
     frozen = []
     for name, p in model.named_parameters():
-        if matches(name, patterns):
+        if matches(name, patterns) or matches(local_name(name), patterns):
             p.requires_grad_(False)
             frozen.append(name)
     if patterns and not frozen:

@@ -1,10 +1,11 @@
-"""Gradient synchronisation for replicated models (the ``local`` backend on several workers).
+"""Gradient synchronisation for replicated parameters (dense layers, ``local`` tables).
 
 Each worker's loss is its rows' loss divided by the *global* row count of the step, so
 the sum of the workers' gradients is the exact gradient of the global mean. Dense
 gradients are summed with one flat ``all_reduce``; sparse embedding gradients (only the
 rows a batch touched) are all-gathered and summed, never densified. A worker whose
-shard ran out contributes zeros, which keeps the collectives matched.
+shard ran out contributes zeros, which keeps the collectives matched. Sharded tables are left out: TorchRec's backward
+sends their gradients to the shards' owners.
 """
 
 from __future__ import annotations
@@ -53,8 +54,11 @@ class GradientSync:
     """Sums gradients over workers after ``backward`` (no-op on one worker)."""
 
     def __init__(self, model: nn.Module):
-        sparse_ids = {id(p) for p in sparse_parameters(model)}
-        params = [p for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]) if p.requires_grad]
+        from raytrain_ctr.embedding import sharded_parameter_ids
+
+        sparse_ids, fused = {id(p) for p in sparse_parameters(model)}, sharded_parameter_ids(model)
+        params = [p for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0])
+                  if p.requires_grad and id(p) not in fused]
         self.sparse = [p for p in params if id(p) in sparse_ids]
         self.dense = [p for p in params if id(p) not in sparse_ids]
 

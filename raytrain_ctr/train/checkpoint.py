@@ -1,0 +1,76 @@
+"""A stage's training state in a Ray Train checkpoint, whatever the embedding backend.
+
+Rank 0 writes ``state.pt``: dense optimizer states, RNG, epoch, best-so-far and history,
+and (local backend) the model. With sharded tables every worker also writes its shards
+of the model, of the best model and of the fused optimizer state under ``sharded/``
+with ``torch.distributed.checkpoint`` (DCP), and Ray Train merges the workers'
+checkpoint files into one directory. DCP reshards on load, so a checkpoint restores onto
+another worker count or sharding plan (e.g. 2 workers row-wise → 1 worker table-wise),
+which TorchRec leaves to its users (pytorch/torchrec#2534).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from raytrain_ctr.embedding import is_sharded, sharded_collections
+
+STATE_FILE = "state.pt"
+SHARDED_DIR = "sharded"
+
+
+def sharded_state(model: nn.Module, best_state: dict | None = None) -> dict[str, Any]:
+    """Every worker's part (ShardedTensors): model, best model, fused optimizer state."""
+    return {"model": model.state_dict(), "best": best_state if best_state is not None else model.state_dict(),
+            "fused": {name: c.fused_optimizer.state_dict() for name, c in sharded_collections(model)}}
+
+
+def training_state(model: nn.Module, optimizers: list[torch.optim.Optimizer], epoch: int, best: dict,
+                   history: list[dict]) -> tuple[dict, dict | None]:
+    """``(rank 0's state.pt, every worker's DCP state or None)`` of one epoch's end."""
+    meta = {"optimizers": [o.state_dict() for o in optimizers], "rng": torch.get_rng_state(), "epoch": epoch,
+            "best": {k: v for k, v in best.items() if k != "state"}, "history": history}
+    if not is_sharded(model):
+        meta["model"] = model.state_dict()
+        meta["best"]["state"] = best["state"]
+        return meta, None
+    return meta, sharded_state(model, best["state"])
+
+
+def save_sharded(state: dict, directory: str | Path) -> None:
+    """Every worker writes its shards (a collective); rank 0 also writes the metadata."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(state, checkpoint_id=str(Path(directory) / SHARDED_DIR))
+
+
+def load_sharded(model: nn.Module, directory: str | Path) -> dict:
+    """Load a DCP checkpoint into ``model``'s own sharding (resharding as needed); returns the
+    loaded best-model state. Restores the fused optimizer state too."""
+    import torch.distributed.checkpoint as dcp
+
+    template = sharded_state(model, copy.deepcopy(model.state_dict()))
+    dcp.load(template, checkpoint_id=str(Path(directory) / SHARDED_DIR))
+    model.load_state_dict(template["model"])
+    for name, coll in sharded_collections(model):
+        coll.fused_optimizer.load_state_dict(template["fused"][name])
+    return template["best"]
+
+
+def restore(model: nn.Module, optimizers: list[torch.optim.Optimizer], directory: str | Path) -> dict:
+    """Load an epoch checkpoint into the model and optimizers; returns ``state.pt``'s dict
+    (``best['state']`` filled in)."""
+    meta = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+    if is_sharded(model):
+        meta["best"]["state"] = load_sharded(model, directory)
+    else:
+        model.load_state_dict(meta["model"])
+    for opt, st in zip(optimizers, meta["optimizers"]):
+        opt.load_state_dict(st)
+    torch.set_rng_state(meta["rng"])
+    return meta
