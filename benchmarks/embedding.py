@@ -42,20 +42,13 @@ from raytrain_ctr.spec import FieldSpec, TableSpec  # noqa: E402
 VARIANTS = ("torchrec row_wise", "torchrec table_wise", "local sparse", "local sparse + DDP", "dense DDP")
 
 
-def peak_bytes(device: torch.device) -> int:
+def memory_bytes(device: torch.device, peak: bool) -> int:
+    """Peak (or current) CUDA allocation, or the process's peak (or current) resident set."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
+        return torch.cuda.max_memory_allocated(device) if peak else torch.cuda.memory_allocated(device)
+    field = "VmHWM:" if peak else "VmRSS:"
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def rss_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device)
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field):
             return int(line.split()[1]) * 1024
     return 0
 
@@ -116,9 +109,12 @@ def worker(rank: int, world: int, port: int, args, out: str) -> None:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     data = batches(args, rank, device)
+    if args.variant.startswith("torchrec"):  # its libraries load before the baseline: count tables, not code
+        import torchrec.distributed.shard  # noqa: F401
+        import torchrec.optim  # noqa: F401
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    base = rss_bytes(device)
+    base = memory_bytes(device, peak=False)
     torch.manual_seed(0)
     model, opts, sync = build(args.variant, args, world, device)
     loss_fn = nn.BCEWithLogitsLoss()
@@ -140,7 +136,7 @@ def worker(rank: int, world: int, port: int, args, out: str) -> None:
         torch.cuda.synchronize()
     dist.barrier()
     seconds = time.perf_counter() - t0
-    peak = peak_bytes(device) - base
+    peak = memory_bytes(device, peak=True) - base
     Path(out, f"{rank}.txt").write_text(f"{seconds} {peak} {loss.item()}")
     dist.destroy_process_group()
 

@@ -149,9 +149,10 @@ def run_stage(cfg: ExperimentConfig, dataset: CTRDataset, stage: Stage, keys: di
         raise PipelineError(f"stage '{stage.name}' ended without its final report: {result.error}")
     art = resolve(_storage(cfg, "stages", name))[1]
     fs.create_dir(art, recursive=True)
-    with result.checkpoint.as_directory() as d:
-        for fname in (MODEL_FILE, METRICS_FILE):
-            pafs.copy_files(str(Path(d) / fname), join(art, fname), destination_filesystem=fs)
+    with result.checkpoint.as_directory() as d:  # model.pt, metrics.json and the method's own files
+        for f in sorted(Path(d).iterdir()):
+            if f.is_file():
+                pafs.copy_files(str(f), join(art, f.name), destination_filesystem=fs)
     return _read_json(fs, join(art, METRICS_FILE))
 
 

@@ -41,8 +41,9 @@ def report(metrics: dict, files: dict[str, Any] | None = None,
 
     Ray Train V2 keeps only metrics that come with a checkpoint (``Result.metrics``), so
     rank 0 always attaches one, empty if there are no files. ``*.json`` files are written
-    as JSON, the others with ``torch.save``. ``every_worker(dir)`` writes each worker's own
-    files (its table shards); Ray Train merges the workers' files into one checkpoint.
+    as JSON, ``bytes`` as they are (figures), the others with ``torch.save``.
+    ``every_worker(dir)`` writes each worker's own files (its table shards); Ray Train
+    merges the workers' files into one checkpoint.
     """
     import ray.train
     import torch
@@ -56,6 +57,8 @@ def report(metrics: dict, files: dict[str, Any] | None = None,
             for name, obj in (files or {}).items():
                 if name.endswith(".json"):
                     Path(tmp, name).write_text(json.dumps(obj, indent=2))
+                elif isinstance(obj, bytes):
+                    Path(tmp, name).write_bytes(obj)
                 else:
                     torch.save(obj, Path(tmp, name))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)

@@ -28,7 +28,11 @@ SPACES: dict[str, dict[str, Any]] = {
     "common": {"train.lr": {"loguniform": [1e-4, 3e-3]}, "train.sparse_lr": {"loguniform": [1e-3, 5e-2]},
                "model.embedding_dim": {"choice": [8, 16, 32]}, "train.batch_size": {"choice": [512, 1024, 2048]}},
     "l2sp": {"method_args.alpha": {"loguniform": [1e-5, 1e-1]}},
+    # AutoFT §3.3: Gumbel temperature and its annealing, policy width (eq. 9), learning rate
+    "autoft": {"method_args.tau": {"loguniform": [0.1, 5.0]}, "method_args.anneal_rate": {"choice": [0.0, 1e-4, 1e-3]},
+               "method_args.policy_hidden": {"choice": [16, 64, 256]}},
 }
+SPACES["spottune"] = SPACES["autoft"]
 
 
 def to_tune(space: dict[str, Any]) -> dict[str, Any]:

@@ -1,21 +1,14 @@
 """L2-SP's penalty (in process, with the loop's own step code)."""
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
+from helpers import load
 
 from raytrain_ctr.config import TrainConfig
 from raytrain_ctr.data.dataset import CTRDataset
-from raytrain_ctr.data.encode import FeatureEncoder
 from raytrain_ctr.methods import get_method
 from raytrain_ctr.models.backbones import ModelConfig
 from raytrain_ctr.train.local import fit_local
 from raytrain_ctr.train.loop import build_stage_model
-
-
-def load(ds, domain, split):
-    return FeatureEncoder(ds.domain(domain).spec).encode(
-        pa.concat_tables([pq.read_table(f) for f in ds.files(domain, split)]))
 
 
 def distance(a: dict, b: dict, prefix: str) -> float:

@@ -3,19 +3,16 @@
 import json
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import local_test_metrics
 
 from raytrain_ctr import pipeline
 from raytrain_ctr.config import from_dict, load_config
 from raytrain_ctr.data.dataset import CTRDataset
-from raytrain_ctr.data.encode import FeatureEncoder
 from raytrain_ctr.methods import get_method
 from raytrain_ctr.models.backbones import ModelConfig, build_model
 from raytrain_ctr.spec import SpecError
-from raytrain_ctr.train.metrics import summarize
 from raytrain_ctr.train.state import StateMismatchError, load_filtered
 
 
@@ -48,16 +45,8 @@ def test_two_stage_method_on_two_workers(finetune_run):
 def test_metrics_are_exact_over_all_workers(finetune_run, tiny_data):
     """The 2-worker test AUC equals the AUC of the saved model on the whole test split in one process."""
     cfg, res = finetune_run
-    ds = CTRDataset.load(tiny_data)
-    model = build_model([ds.domain(d).spec for d in ds.domains], cfg.model)
-    model.load_state_dict(torch.load(Path(res["finetune"]["artifact"], "model.pt")))
-    model.eval()
-    batch = FeatureEncoder(ds.domain("target").spec).encode(
-        pa.concat_tables([pq.read_table(f) for f in ds.files("target", "test")]))
-    with torch.no_grad():
-        probs = torch.sigmoid(model(batch)).numpy()
-    local = summarize(batch.label.numpy(), probs, batch.user.numpy())
-    assert res["finetune"]["test_rows"] == len(batch)
+    local, rows = local_test_metrics(tiny_data, cfg.model, res["finetune"]["artifact"])
+    assert res["finetune"]["test_rows"] == rows
     for k in ("auc", "logloss", "gauc"):
         assert res["finetune"][f"test_{k}"] == pytest.approx(local[k], abs=1e-5)
 

@@ -4,11 +4,11 @@ DCP checkpoints restored onto another worker count and plan, frozen tables, a wh
 import sys
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray.cloudpickle
 import torch
+from helpers import local_test_metrics
 
 from raytrain_ctr import pipeline
 from raytrain_ctr.config import TrainConfig, from_dict
@@ -21,7 +21,6 @@ from raytrain_ctr.models.backbones import ModelConfig, build_model
 from raytrain_ctr.spec import SpecError
 from raytrain_ctr.train.checkpoint import load_sharded, save_sharded, sharded_state
 from raytrain_ctr.train.loop import build_stage_model, make_optimizers, train_step
-from raytrain_ctr.train.metrics import summarize
 from raytrain_ctr.train.state import freeze
 from raytrain_ctr.train.sync import GradientSync
 
@@ -221,16 +220,9 @@ def test_pipeline_on_torchrec_resumes_and_exports_unsharded(tiny_data, ray_local
     res = pipeline.run(cfg)
     for stage in res.values():
         assert stage["test_auc"] > 0.6 and stage["resumed_from_epoch"] == 1
-    ds = CTRDataset.load(tiny_data)
-    local = build_model([ds.domain(d).spec for d in ds.domains],
-                        ModelConfig(backbone="dcn", deep=(32, 16), cross_layers=2))
-    local.load_state_dict(torch.load(Path(res["finetune"]["artifact"], "model.pt")))
-    local.eval()
-    batch = FeatureEncoder(ds.domain("target").spec).encode(
-        pa.concat_tables([pq.read_table(f) for f in ds.files("target", "test")]))
-    with torch.no_grad():
-        probs = torch.sigmoid(local(batch)).numpy()
-    assert res["finetune"]["test_auc"] == pytest.approx(summarize(batch.label.numpy(), probs)["auc"], abs=1e-5)
+    local, _ = local_test_metrics(tiny_data, ModelConfig(backbone="dcn", deep=(32, 16), cross_layers=2),
+                                  res["finetune"]["artifact"])
+    assert res["finetune"]["test_auc"] == pytest.approx(local["auc"], abs=1e-5)
 
 
 def test_l2sp_refuses_the_torchrec_backend(tiny_data, tmp_path):

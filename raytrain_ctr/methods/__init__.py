@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import difflib
 
+from raytrain_ctr.methods.autoft import AutoFT, SpotTune
 from raytrain_ctr.methods.base import Method, Stage, StageContext
 from raytrain_ctr.methods.baselines import KEEP, L2SP, All, FineTune, SourceOnly, TargetOnly
 from raytrain_ctr.spec import SpecError, check_keys
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (TargetOnly, SourceOnly, All, FineTune, L2SP, KEEP)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (TargetOnly, SourceOnly, All, FineTune, L2SP, KEEP, AutoFT,
+                                                         SpotTune)}
 
 
 def get_method(name: str, args: dict | None = None) -> Method:

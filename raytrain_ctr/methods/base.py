@@ -84,5 +84,10 @@ class Method:
         """A per-step term added once to the mean loss (None for none)."""
         return None
 
+    def artifacts(self, model: nn.Module, ctx: StageContext) -> dict[str, Any]:
+        """Extra files for the stage's artifact, made right after the test evaluation (every
+        worker calls it; rank 0's are written). ``*.json`` → JSON, ``bytes`` → raw."""
+        return {}
+
     def prepare(self, model: nn.Module, ctx: StageContext) -> None:
         """Called once after the upstream state is loaded and parameters are frozen."""

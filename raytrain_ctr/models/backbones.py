@@ -8,6 +8,7 @@ per layer.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -59,13 +60,16 @@ class Backbone(nn.Module):
         self.head = nn.Linear((in_dim if cross else 0) + deep_out, 1)  # eq. 7
         self.linear = nn.Linear(in_dim, 1, bias=False) if cfg.backbone == "deepfm" else None
 
-    def forward(self, x0: torch.Tensor, v: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x0: torch.Tensor, v: torch.Tensor | None = None, deep: Sequence[Callable] | None = None,
+                cross: Sequence[Callable] | None = None) -> torch.Tensor:
+        """The logit. ``deep`` / ``cross`` replace the layers by callables of the same signature
+        (AutoFT routes each layer between a frozen and a fine-tuned copy, eqs. 11–12)."""
         h = x0
-        for layer in self.deep:  # eq. 6
+        for layer in deep if deep is not None else self.deep:  # eq. 6
             h = layer(h)
         if len(self.cross):
             xc = x0
-            for layer in self.cross:  # eq. 5
+            for layer in cross if cross is not None else self.cross:  # eq. 5
                 xc = layer(x0, xc)
             h = torch.cat([xc, h], dim=-1)
         logit = self.head(h).squeeze(-1)

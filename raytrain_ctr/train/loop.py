@@ -194,11 +194,11 @@ def train_stage(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            if (Path(d) / METRICS_FILE).exists():  # the stage had finished: report its result again
-                final = json.loads((Path(d) / METRICS_FILE).read_text())
-                model_state = torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True)
-                report({k: v for k, v in final.items() if k != "history"},
-                        {MODEL_FILE: model_state, METRICS_FILE: final})
+            if (Path(d) / METRICS_FILE).exists():  # the stage had finished: report its files again
+                files = {f.name: json.loads(f.read_text()) if f.suffix == ".json" else
+                         torch.load(f, map_location="cpu", weights_only=True) if f.suffix == ".pt" else
+                         f.read_bytes() for f in Path(d).iterdir() if f.is_file()}
+                report({k: v for k, v in files[METRICS_FILE].items() if k != "history"}, files)
                 return
             saved = restore(model, optimizers, d)
         start_epoch, best, history = saved["epoch"] + 1, saved["best"], saved["history"]
@@ -246,7 +246,8 @@ def train_stage(config: dict) -> None:
     if best["state"] is not None:
         model.load_state_dict(best["state"])
     test = eval_metrics("test")
+    extra = method.artifacts(model, ctx)
     final = {"stage": stage.name, "method": method.name, "best_epoch": best["epoch"],
              "valid_auc": best["auc"], "resumed_from_epoch": resumed_from, "final": True,
              **{f"test_{k}": v for k, v in test.items()}}
-    report(final, {MODEL_FILE: unsharded_state(model), METRICS_FILE: {**final, "history": history}})
+    report(final, {MODEL_FILE: unsharded_state(model), METRICS_FILE: {**final, "history": history}, **extra})

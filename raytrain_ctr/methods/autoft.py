@@ -1,0 +1,222 @@
+"""AutoFT (Yang et al., IJCAI 2021) and SpotTune (Guo et al., 2019): per-instance routing between a
+frozen pre-trained copy of the backbone and a fine-tuned copy.
+
+Stage 1 ``pretrain`` trains a backbone on the source (Source-only) or on every domain (All).
+Stage 2 holds two copies of it (§3.2, Table 1): the frozen pre-trained one (V^S, cross^S,
+deep^S) and a trainable one initialised from it (V̂^T, cross^T, deep^T). Lightweight policy
+networks (eq. 9) decide, per instance,
+
+* per field, which embedding to read: x̂_i = P_e^(i)(x^S)·V_i^S x_i + (1 − P_e^(i)(x^S))·V̂_i^T x_i (eq. 10),
+  the policy reading the pre-trained embedding x^S;
+* per cross layer and per deep layer, which copy computes it (eqs. 11, 12), the policies
+  reading x̂^T.
+
+The decisions are hard 0/1 in the forward pass and carry the Gumbel-softmax relaxation's
+gradient in the backward pass (eqs. 13, 14: straight-through), with temperature τ, optionally
+annealed per step. Inference takes the argmax of the policy logits, without noise. The
+prediction layer is always fine-tuned (§3.2); the loss is eq. 8 (cross-entropy; λ‖W‖² is
+``train.weight_decay``).
+
+SpotTune is the same with the layer-wise policies only (AutoFT §4.2); the ablations of
+AutoFT's Table 4 are ``method_args.policies`` subsets. A component without a policy uses
+its fine-tuned copy.
+
+After the test evaluation the stage writes ``policy.json`` and ``policy.png`` (AutoFT
+Figure 3): per field and layer, the share of test instances routed to the pre-trained copy.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raytrain_ctr.data.encode import Batch
+from raytrain_ctr.methods.base import Method, Stage, StageContext
+from raytrain_ctr.methods.baselines import pretrain_stage
+from raytrain_ctr.models.backbones import CTRModel, build_model
+from raytrain_ctr.spec import SpecError
+from raytrain_ctr.train.state import load_filtered
+from raytrain_ctr.train.sync import all_reduce_sum
+
+POLICIES = ("embedding", "cross", "deep")
+PRETRAINED, FINE_TUNED = 0, 1  # the two Gumbel categories (§3.3)
+
+
+class PolicyNet(nn.Module):
+    """Eq. 9: p = G(ReLU(W_p² ReLU(W_p¹ x + b_p¹) + b_p²)), one two-way decision per output."""
+
+    def __init__(self, in_dim: int, hidden: int, decisions: int):
+        super().__init__()
+        self.decisions = decisions
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, 2 * decisions), nn.ReLU())
+
+    def forward(self, x: torch.Tensor, tau: float) -> torch.Tensor:
+        """``[B, decisions]``: 1 where the instance takes the pre-trained copy, else 0."""
+        logits = self.net(x).view(len(x), self.decisions, 2)  # log α (eq. 13)
+        if self.training:  # eq. 13 forward (argmax of log α + Gumbel noise), eq. 14 backward
+            choice = F.gumbel_softmax(logits, tau=tau, hard=True)
+        else:  # inference: the argmax of the policy, no noise
+            choice = F.one_hot(logits.argmax(-1), 2).to(logits.dtype)
+        return choice[..., PRETRAINED]
+
+
+def route(p: torch.Tensor, pretrained: torch.Tensor, fine_tuned: torch.Tensor) -> torch.Tensor:
+    """``p·pretrained + (1 − p)·fine_tuned`` per instance (eqs. 10–12)."""
+    p = p.unsqueeze(-1)
+    return p * pretrained + (1 - p) * fine_tuned
+
+
+def routed_layers(p: torch.Tensor | None, pretrained: nn.ModuleList, fine_tuned: nn.ModuleList) -> list:
+    """Layer l of the routed network, p[:, l]·F_l(·) + (1 − p[:, l])·F̂_l(·) (eqs. 11, 12); without a
+    policy, the fine-tuned layers."""
+    if p is None:
+        return list(fine_tuned)
+    return [lambda *x, l=l: route(p[:, l], pretrained[l](*x), fine_tuned[l](*x)) for l in range(len(fine_tuned))]
+
+
+class AutoFTModel(nn.Module):
+    """The frozen pre-trained copy ``pre``, the fine-tuned copy ``fine``, and the policy networks."""
+
+    def __init__(self, pre: CTRModel, fine: CTRModel, policies: tuple[str, ...], hidden: int, tau: float,
+                 tau_min: float, anneal_rate: float):
+        super().__init__()
+        self.pre, self.fine = pre, fine
+        self.tau, self.tau_min, self.anneal_rate = tau, tau_min, anneal_rate
+        sizes = {"embedding": len(fine.pooled_names), "cross": len(fine.backbone.cross),
+                 "deep": len(fine.backbone.deep)}
+        for name in policies:
+            if sizes[name] == 0:
+                raise SpecError(f"method_args.policies: '{name}' has nothing to route with backbone "
+                                f"'{fine.backbone.cfg.backbone}'")
+        self.policy = nn.ModuleDict({name: PolicyNet(fine.in_dim, hidden, sizes[name]) for name in policies})
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))  # for τ annealing; resumes with the model
+        self.routes: dict[str, torch.Tensor] = {}  # evaluation: decisions for the pre-trained copy, summed
+        self.routed = 0
+
+    @property
+    def temperature(self) -> float:
+        return max(self.tau_min, self.tau * math.exp(-self.anneal_rate * int(self.step)))
+
+    def train(self, mode: bool = True) -> AutoFTModel:
+        if not mode:  # each evaluation counts its own routes
+            self.routes, self.routed = {}, 0
+        return super().train(mode)
+
+    def decide(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        if name not in self.policy:
+            return None
+        p = self.policy[name](x, self.temperature)
+        if not self.training:
+            self.routes[name] = self.routes.get(name, 0) + p.detach().sum(0).cpu()
+        return p
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        names, dense = self.fine.pooled_names, self.fine.dense(batch)
+        emb_t = self.fine.embedding(batch)
+        fields = [emb_t[n] for n in names]
+        if "embedding" in self.policy:  # eq. 10, the policy reading the pre-trained embedding x^S
+            emb_s = self.pre.embedding(batch)
+            p_e = self.decide("embedding", torch.cat([*(emb_s[n] for n in names), dense], dim=-1))
+            fields = [route(p_e[:, i], emb_s[n], x) for i, (n, x) in enumerate(zip(names, fields))]
+        x0 = torch.cat([*fields, dense], dim=-1)  # x̂^T
+        pre, fine = self.pre.backbone, self.fine.backbone
+        cross = routed_layers(self.decide("cross", x0), pre.cross, fine.cross)  # eq. 11
+        deep = routed_layers(self.decide("deep", x0), pre.deep, fine.deep)  # eq. 12
+        v = torch.stack(fields, 1) if len({t.shape[-1] for t in fields}) == 1 else None
+        if self.training:
+            self.step += 1
+        else:
+            self.routed += len(batch)
+        return fine(x0, v, deep=deep, cross=cross)  # the prediction layer is always fine-tuned
+
+
+class AutoFT(Method):
+    name = "autoft"
+    description = "per-instance Gumbel-softmax routing between frozen pre-trained and fine-tuned fields and layers"
+    arg_defaults: dict[str, Any] = {"pretrain": "source", "policies": POLICIES, "tau": 1.0, "tau_min": 0.1,
+                                    "anneal_rate": 0.0, "policy_hidden": 64}
+
+    @property
+    def stages(self) -> list[Stage]:
+        return [pretrain_stage(self.args),
+                Stage(self.name, ("target",), init_from="pretrain", load_include=(), freeze=("pre.*",))]
+
+    def build(self, ctx: StageContext) -> nn.Module:
+        if ctx.stage.init_from is None:
+            return super().build(ctx)
+        policies = tuple(self.args["policies"])
+        unknown = [p for p in policies if p not in POLICIES]
+        if unknown or not policies:
+            raise SpecError(f"method_args.policies: {list(policies)} must be a non-empty subset of {list(POLICIES)}")
+        specs = list(ctx.specs.values())
+        return AutoFTModel(build_model(specs, ctx.model_cfg), build_model(specs, ctx.model_cfg), policies,
+                           int(self.args["policy_hidden"]), float(self.args["tau"]), float(self.args["tau_min"]),
+                           float(self.args["anneal_rate"]))
+
+    def prepare(self, model: nn.Module, ctx: StageContext) -> None:
+        if ctx.stage.init_from is None:
+            return
+        for copy in (model.pre, model.fine):  # both copies start from the pre-trained model (§3.2)
+            load_filtered(copy, ctx.upstream, source="the pre-trained model")
+
+    def artifacts(self, model: nn.Module, ctx: StageContext) -> dict[str, Any]:
+        if ctx.stage.init_from is None:
+            return {}
+        report = policy_report(model)
+        return {"policy.json": report, "policy.png": policy_figure(report, self.name)}
+
+
+class SpotTune(AutoFT):
+    name = "spottune"
+    description = "layer-wise routing only (cross and deep layers), embeddings fine-tuned (AutoFT §4.2)"
+    arg_defaults = {**AutoFT.arg_defaults, "policies": ("cross", "deep")}
+
+
+def policy_report(model: AutoFTModel) -> dict[str, Any]:
+    """Per policy and decision, the share of the last evaluation's instances routed to the
+    pre-trained copy, summed over every worker (a collective)."""
+    backbone = model.fine.backbone
+    names = {"embedding": model.fine.pooled_names, "cross": [f"cross_{l}" for l in range(len(backbone.cross))],
+             "deep": [f"deep_{l}" for l in range(len(backbone.deep))]}
+    out: dict[str, Any] = {"instances": 0, "pretrained_share": {}}
+    flat = [float(model.routed)]
+    for name in model.policy:
+        counts = model.routes.get(name, torch.zeros(len(names[name])))
+        flat += [float(c) for c in counts]
+    totals = all_reduce_sum(flat)
+    n, offset = totals[0], 1
+    out["instances"] = int(n)
+    for name in model.policy:
+        k = len(names[name])
+        shares = totals[offset: offset + k]
+        out["pretrained_share"][name] = {d: (c / n if n else 0.0) for d, c in zip(names[name], shares)}
+        offset += k
+    return out
+
+
+def policy_figure(report: dict[str, Any], title: str) -> bytes:
+    """AutoFT Figure 3: bars of the pre-trained share per field and layer, as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = report["pretrained_share"]
+    fig, axes = plt.subplots(1, len(groups), figsize=(4 + 3 * len(groups), 3.5), squeeze=False)
+    for ax, (name, shares) in zip(axes[0], groups.items()):
+        ax.bar(range(len(shares)), list(shares.values()), color="tab:blue")
+        ax.set_xticks(range(len(shares)), list(shares), rotation=45, ha="right", fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{name} policy")
+        ax.set_ylabel("share routed to pre-trained")
+    fig.suptitle(f"{title}: {report['instances']:,} test instances")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()

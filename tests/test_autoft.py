@@ -1,0 +1,165 @@
+"""AutoFT and SpotTune: hard routing with policy gradients, frozen copy, deterministic inference,
+ablation switches, the policy report; and the stage end to end on a real local Ray."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import load
+
+from raytrain_ctr import pipeline
+from raytrain_ctr.config import TrainConfig, from_dict
+from raytrain_ctr.data.dataset import CTRDataset
+from raytrain_ctr.methods import get_method
+from raytrain_ctr.methods.autoft import POLICIES, policy_figure, policy_report
+from raytrain_ctr.models.backbones import ModelConfig
+from raytrain_ctr.spec import SpecError
+from raytrain_ctr.train.local import fit_local
+from raytrain_ctr.train.loop import build_stage_model, evaluate, make_optimizers, train_step
+from raytrain_ctr.train.sync import GradientSync
+
+MCFG = ModelConfig(backbone="dcn", deep=(32, 16), cross_layers=2)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_data, tmp_path_factory):
+    """Specs, target batches and a pre-trained (Source-only) model on disk."""
+    ds = CTRDataset.load(tiny_data)
+    specs = {d: ds.domain(d).spec for d in ds.domains}
+    valid = load(ds, "target", "valid")
+    src = get_method("source_only")
+    tc = TrainConfig(epochs=1, batch_size=1024, sparse_lr=0.01)
+    pre = fit_local(src, src.stages[0], specs, MCFG, tc, {"source": load(ds, "source", "train")}, valid)
+    path = tmp_path_factory.mktemp("autoft") / "pre.pt"
+    torch.save(pre.model.state_dict(), path)
+    return specs, load(ds, "target", "train"), valid, str(path)
+
+
+def stage_model(setup, **args):
+    specs, _, _, path = setup
+    m = get_method("autoft", args)
+    model, ctx = build_stage_model(m, m.stage("autoft"), specs, MCFG, path)
+    return m, model, ctx
+
+
+def test_routing_is_hard_and_gradients_reach_every_policy(setup):
+    m, model, ctx = stage_model(setup)
+    batch = setup[2].select(slice(0, 64))
+    # both copies start equal, so a decision between them has no gradient until the fine copy moves
+    opts = make_optimizers(model, TrainConfig(sparse_lr=0.01))
+    train_step(m, model, ctx, {"target": setup[1].select(slice(0, 512))}, opts, GradientSync(model))
+    for opt in opts:
+        opt.zero_grad(set_to_none=True)
+    decisions = {}
+    for name, policy in model.policy.items():
+        policy.register_forward_hook(lambda mod, inp, out, name=name: decisions.__setitem__(name, out))
+    model.train()
+    logit = model(batch)
+    torch.nn.functional.binary_cross_entropy_with_logits(logit, batch.label).backward()
+    assert set(decisions) == set(POLICIES)
+    for name, p in decisions.items():
+        assert p.shape == (64, model.policy[name].decisions)
+        assert set(p.detach().unique().tolist()) <= {0.0, 1.0}  # eq. 13: hard in the forward pass
+        assert 0 < p.detach().mean() < 1  # both copies are used at initialisation
+    for name, policy in model.policy.items():  # eq. 14: the relaxation's gradient reaches the policy
+        grads = [q.grad for q in policy.parameters()]
+        assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0, name
+    assert all(p.grad is None for p in model.pre.parameters())  # the frozen copy gets none
+
+
+def test_frozen_copy_bit_identical_and_inference_deterministic(setup):
+    specs, target, valid, path = setup
+    m = get_method("autoft", {"tau": 0.5, "anneal_rate": 1e-3})
+    res = fit_local(m, m.stage("autoft"), specs, MCFG, TrainConfig(epochs=2, batch_size=512, sparse_lr=0.01),
+                    {"target": target}, valid, upstream=path)
+    upstream = torch.load(path)
+    state = res.model.state_dict()
+    for key, value in upstream.items():
+        assert torch.equal(state[f"pre.{key}"], value), key  # V^S, cross^S, deep^S never move
+    assert any(not torch.equal(state[f"fine.{k}"], v) for k, v in upstream.items())  # the fine copy does
+    assert res.model.temperature < 0.5 and int(res.model.step) > 0  # annealed per step
+    res.model.eval()
+    with torch.no_grad():
+        first, second = res.model(valid), res.model(valid)
+    assert torch.equal(first, second)
+    assert res.best_valid_auc > 0.6
+
+
+@pytest.mark.parametrize("policies", [("embedding",), ("cross",), ("deep",), ("cross", "deep")])
+def test_each_ablation_switch_removes_exactly_its_policy(setup, policies):
+    _, full, _ = stage_model(setup)
+    _, model, _ = stage_model(setup, policies=policies)
+    assert set(model.policy) == set(policies)
+    missing = set(full.state_dict()) - set(model.state_dict())
+    assert missing and all(k.split(".")[1] not in policies and k.startswith("policy.") for k in missing)
+    batch = setup[2].select(slice(0, 32))
+    model.eval()
+    with torch.no_grad():
+        model(batch)
+    assert set(model.routes) == set(policies)  # no decision is taken where the policy is removed
+
+
+def test_spottune_is_the_layer_wise_policies_only(setup):
+    specs, _, _, path = setup
+    m = get_method("spottune")
+    model, _ = build_stage_model(m, m.stage("spottune"), specs, MCFG, path)
+    assert set(model.policy) == {"cross", "deep"}
+    bad = get_method("autoft", {"policies": ["embedding", "heads"]})
+    with pytest.raises(SpecError, match="method_args.policies"):
+        build_stage_model(bad, bad.stage("autoft"), specs, MCFG, path)
+    with pytest.raises(SpecError, match="'cross' has nothing to route with backbone 'dnn'"):
+        build_stage_model(m, m.stage("spottune"), specs, ModelConfig(backbone="dnn", deep=(8,)), path)
+
+
+def test_policy_report_and_figure(setup):
+    m, model, ctx = stage_model(setup)
+    valid = setup[2]
+    evaluate(m, model, ctx, [valid.select(slice(0, 500)), valid.select(slice(500, 900))], with_users=False)
+    report = policy_report(model)
+    assert report["instances"] == 900
+    assert set(report["pretrained_share"]) == set(POLICIES)
+    assert list(report["pretrained_share"]["cross"]) == ["cross_0", "cross_1"]
+    assert all(0.0 <= s <= 1.0 for shares in report["pretrained_share"].values() for s in shares.values())
+    png = policy_figure(report, "autoft")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+@pytest.mark.parametrize("backend", ["local", "torchrec"])
+def test_autoft_stage_on_ray(tiny_data, ray_local, tmp_path, backend):
+    """Both stages on 2 workers: the policy report counts every test row; the frozen copy, sharded
+    too under torchrec, leaves the stage exactly as the pre-trained model entered it."""
+    sparse = {"sparse_optimizer": "adagrad", "sparse_lr": 0.05} if backend == "torchrec" else {"sparse_lr": 0.01}
+    cfg = from_dict({"data": tiny_data, "method": "autoft", "storage": str(tmp_path),
+                     "method_args": {"pretrain": "all"},
+                     "model": {"backbone": "dcn", "deep": [32, 16], "cross_layers": 2, "embedding_backend": backend},
+                     "train": {"epochs": 1, "batch_size": 1024, "workers": 2, **sparse}})
+    res = pipeline.run(cfg)
+    art = Path(res["autoft"]["artifact"])
+    report = json.loads((art / "policy.json").read_text())
+    assert report["instances"] == res["autoft"]["test_rows"]  # every test row, over both workers
+    assert set(report["pretrained_share"]) == set(POLICIES)
+    assert (art / "policy.png").read_bytes()[:4] == b"\x89PNG"
+    assert res["autoft"]["test_auc"] > 0.6
+    upstream = torch.load(Path(res["pretrain"]["artifact"], "model.pt"))
+    state = torch.load(art / "model.pt")
+    assert all(torch.equal(state[f"pre.{k}"], v) for k, v in upstream.items())
+    assert not torch.equal(state["fine.embedding.tables.item.weight"], upstream["embedding.tables.item.weight"])
+
+
+@pytest.mark.parametrize("backbone", ["dnn", "deepfm", "dcnv2"])
+def test_autoft_routes_other_backbones(setup, tmp_path, backbone):
+    """AutoFT §4.5: the same routing over DNN, DeepFM (FM term over the routed fields) and DCN-V2."""
+    specs, _, valid, _ = setup
+    mcfg = ModelConfig(backbone=backbone, deep=(16, 8), cross_layers=2, embedding_dim=8)
+    policies = ["embedding", "deep"] + (["cross"] if backbone == "dcnv2" else [])
+    m = get_method("autoft", {"policies": policies})
+    pre, _ = build_stage_model(m, m.stage("pretrain"), specs, mcfg, None)
+    torch.save(pre.state_dict(), tmp_path / "pre.pt")
+    model, _ = build_stage_model(m, m.stage("autoft"), specs, mcfg, str(tmp_path / "pre.pt"))
+    model.eval()
+    batch = valid.select(slice(0, 16))
+    with torch.no_grad():
+        routed, plain = model(batch), pre(batch)
+    assert set(model.routes) == set(policies)
+    torch.testing.assert_close(routed, plain)  # both copies equal the pre-trained model before training
