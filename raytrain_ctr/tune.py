@@ -30,7 +30,8 @@ SPACES: dict[str, dict[str, Any]] = {
     "l2sp": {"method_args.alpha": {"loguniform": [1e-5, 1e-1]}},
     # AutoFT §3.3: Gumbel temperature and its annealing, policy width (eq. 9), learning rate
     "autoft": {"method_args.tau": {"loguniform": [0.1, 5.0]}, "method_args.anneal_rate": {"choice": [0.0, 1e-4, 1e-3]},
-               "method_args.policy_hidden": {"choice": [16, 64, 256]}},
+               "method_args.policy_hidden": {"choice": [16, 64, 256]},
+               "method_args.policy_output_relu": {"choice": [True, False]}},
 }
 SPACES["spottune"] = SPACES["autoft"]
 

@@ -163,3 +163,14 @@ def test_autoft_routes_other_backbones(setup, tmp_path, backbone):
         routed, plain = model(batch), pre(batch)
     assert set(model.routes) == set(policies)
     torch.testing.assert_close(routed, plain)  # both copies equal the pre-trained model before training
+
+
+def test_policy_without_the_outer_relu(setup):
+    _, model, _ = stage_model(setup, policy_output_relu=False)
+    assert all(isinstance(p.net[-1], torch.nn.Identity) for p in model.policy.values())
+    _, eq9, _ = stage_model(setup)
+    assert all(isinstance(p.net[-1], torch.nn.ReLU) for p in eq9.policy.values())  # eq. 9 as written
+    model.eval()
+    with torch.no_grad():
+        model(setup[2].select(slice(0, 32)))
+    assert all(set(torch.unique(r).tolist()) <= set(range(33)) for r in model.routes.values())

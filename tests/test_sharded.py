@@ -203,6 +203,9 @@ def test_sharding_plan_by_size_and_config_errors(runs):
         sharding_plan(tables, names, 2, {"nope": "row_wise"}, 10)
     with pytest.raises(SpecError, match="model.sharding.user: unknown sharding 'diagonal'"):
         sharding_plan(tables, names, 2, {"user": "diagonal"}, 10)
+    sharded_model = build_model(list(specs.values()), ModelConfig(embedding_backend="torchrec"))
+    with pytest.raises(SpecError, match=r"model.sharding: unknown table\(s\) \['nope'\]"):
+        shard_model(sharded_model, 2, {"nope": "row_wise"}, 10, "adagrad", 0.1)  # refused before any collective
     with pytest.raises(SpecError, match="model.embedding_backend: unknown backend 'faiss'"):
         ModelConfig(embedding_backend="faiss")
     with pytest.raises(SpecError, match="train.sparse_optimizer: unknown optimizer 'lbfgs'"):

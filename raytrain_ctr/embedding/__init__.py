@@ -51,9 +51,16 @@ def is_sharded(model: nn.Module) -> bool:
 
 def shard_model(model: nn.Module, world_size: int, sharding: dict[str, str], row_wise_from_rows: int,
                 optimizer: str, lr: float, eps: float = 1e-8, device: torch.device | None = None) -> nn.Module:
-    """Shard every torchrec collection of ``model`` across the workers (in place)."""
-    for _, coll in sharded_collections(model):
-        coll.shard(world_size, sharding, row_wise_from_rows, optimizer=optimizer, lr=lr, eps=eps, device=device)
+    """Shard every torchrec collection of ``model`` across the workers (in place); ``sharding``
+    names tables of any of them (KEEP's plug-in holds only the id tables)."""
+    collections = [c for _, c in sharded_collections(model)]
+    tables = {t for c in collections for t in c.table_names}
+    unknown = sorted(set(sharding) - tables)
+    if unknown:
+        raise SpecError(f"model.sharding: unknown table(s) {unknown} (tables: {sorted(tables)})")
+    for coll in collections:
+        own = {t: kind for t, kind in sharding.items() if t in coll.table_names}
+        coll.shard(world_size, own, row_wise_from_rows, optimizer=optimizer, lr=lr, eps=eps, device=device)
     return model
 
 

@@ -81,6 +81,7 @@ class ShardedEmbeddingCollection(nn.Module):
         by_table: dict[str, list[FieldSpec]] = {}
         for f in self.fields:
             by_table.setdefault(f.table, []).append(f)
+        self.table_names = list(by_table)  # the tables its fields read
         pooling = {"sum": trec.PoolingType.SUM, "mean": trec.PoolingType.MEAN}
         self.ebc = trec.EmbeddingBagCollection(tables=[
             trec.EmbeddingBagConfig(name=t, embedding_dim=tables[t].dim, num_embeddings=tables[t].num_embeddings,
@@ -181,7 +182,7 @@ class ShardedEmbeddingCollection(nn.Module):
             for p in frozen:
                 p.requires_grad_(True)  # fused kernels need it; lr 0 keeps them bit-identical
             apply_optimizer_in_backward(torch.optim.SGD, frozen, {"lr": 0.0})
-        plan = sharding_plan(self.table_specs, [c.name for c in self.ebc.embedding_bag_configs()], world_size,
+        plan = sharding_plan(self.table_specs, self.table_names, world_size,
                              sharding or {}, row_wise_from_rows)
         pg = process_group or dist.GroupMember.WORLD
         self.ebc = shard(self.ebc, _generators(plan, world_size), env=ShardingEnv.from_process_group(pg),

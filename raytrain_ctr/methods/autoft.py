@@ -48,12 +48,18 @@ PRETRAINED, FINE_TUNED = 0, 1  # the two Gumbel categories (§3.3)
 
 
 class PolicyNet(nn.Module):
-    """Eq. 9: p = G(ReLU(W_p² ReLU(W_p¹ x + b_p¹) + b_p²)), one two-way decision per output."""
+    """Eq. 9: p = G(ReLU(W_p² ReLU(W_p¹ x + b_p¹) + b_p²)), one two-way decision per output.
 
-    def __init__(self, in_dim: int, hidden: int, decisions: int):
+    ``output_relu=False`` drops the outer ReLU ("other structures are possible", §3.2): with it,
+    a decision whose two logits are both clipped to 0 has no gradient and, at inference, the
+    argmax's tie goes to the first category (the pre-trained copy).
+    """
+
+    def __init__(self, in_dim: int, hidden: int, decisions: int, output_relu: bool = True):
         super().__init__()
         self.decisions = decisions
-        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, 2 * decisions), nn.ReLU())
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, 2 * decisions),
+                                 nn.ReLU() if output_relu else nn.Identity())
 
     def forward(self, x: torch.Tensor, tau: float) -> torch.Tensor:
         """``[B, decisions]``: 1 where the instance takes the pre-trained copy, else 0."""
@@ -83,7 +89,7 @@ class AutoFTModel(nn.Module):
     """The frozen pre-trained copy ``pre``, the fine-tuned copy ``fine``, and the policy networks."""
 
     def __init__(self, pre: CTRModel, fine: CTRModel, policies: tuple[str, ...], hidden: int, tau: float,
-                 tau_min: float, anneal_rate: float):
+                 tau_min: float, anneal_rate: float, output_relu: bool = True):
         super().__init__()
         self.pre, self.fine = pre, fine
         self.tau, self.tau_min, self.anneal_rate = tau, tau_min, anneal_rate
@@ -93,7 +99,8 @@ class AutoFTModel(nn.Module):
             if sizes[name] == 0:
                 raise SpecError(f"method_args.policies: '{name}' has nothing to route with backbone "
                                 f"'{fine.backbone.cfg.backbone}'")
-        self.policy = nn.ModuleDict({name: PolicyNet(fine.in_dim, hidden, sizes[name]) for name in policies})
+        self.policy = nn.ModuleDict({name: PolicyNet(fine.in_dim, hidden, sizes[name], output_relu)
+                                     for name in policies})
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # for τ annealing; resumes with the model
         self.routes: dict[str, torch.Tensor] = {}  # evaluation: decisions for the pre-trained copy, summed
         self.routed = 0
@@ -139,7 +146,7 @@ class AutoFT(Method):
     name = "autoft"
     description = "per-instance Gumbel-softmax routing between frozen pre-trained and fine-tuned fields and layers"
     arg_defaults: dict[str, Any] = {"pretrain": "source", "policies": POLICIES, "tau": 1.0, "tau_min": 0.1,
-                                    "anneal_rate": 0.0, "policy_hidden": 64}
+                                    "anneal_rate": 0.0, "policy_hidden": 64, "policy_output_relu": True}
 
     @property
     def stages(self) -> list[Stage]:
@@ -156,7 +163,7 @@ class AutoFT(Method):
         specs = list(ctx.specs.values())
         return AutoFTModel(build_model(specs, ctx.model_cfg), build_model(specs, ctx.model_cfg), policies,
                            int(self.args["policy_hidden"]), float(self.args["tau"]), float(self.args["tau_min"]),
-                           float(self.args["anneal_rate"]))
+                           float(self.args["anneal_rate"]), bool(self.args["policy_output_relu"]))
 
     def prepare(self, model: nn.Module, ctx: StageContext) -> None:
         if ctx.stage.init_from is None:

@@ -3,8 +3,10 @@
 A :class:`Stage` says which domains it trains on, which it evaluates, what it loads from
 which earlier stage (include/exclude patterns over ``state_dict`` keys), what it freezes,
 and its training budget overrides. A :class:`Method` is an ordered list of stages plus
-three hooks the loop calls: ``build`` (the stage's model), ``loss`` (summed over the
-step's rows, per domain) and ``penalty`` (a per-step regulariser, e.g. L2-SP).
+the hooks the loop calls: ``build`` (the stage's model), ``prepare`` (after loading and
+freezing), ``logits``, ``loss`` (summed over the step's rows, per domain), ``penalty`` (a
+per-step regulariser, e.g. L2-SP) and ``artifacts`` (extra files after the test split,
+e.g. AutoFT's policy report).
 """
 
 from __future__ import annotations
