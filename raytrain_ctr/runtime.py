@@ -49,11 +49,10 @@ def report(metrics: dict, files: dict[str, Any] | None = None,
     import torch
 
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
+        rank0 = ray.train.get_context().get_world_rank() == 0
         if every_worker is not None:
             every_worker(Path(tmp))
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        if ray.train.get_context().get_world_rank() == 0:
+        if rank0:
             for name, obj in (files or {}).items():
                 if name.endswith(".json"):
                     Path(tmp, name).write_text(json.dumps(obj, indent=2))
@@ -61,5 +60,5 @@ def report(metrics: dict, files: dict[str, Any] | None = None,
                     Path(tmp, name).write_bytes(obj)
                 else:
                     torch.save(obj, Path(tmp, name))
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint)
+        attach = rank0 or every_worker is not None
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if attach else None)

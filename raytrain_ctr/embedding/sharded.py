@@ -75,7 +75,7 @@ class ShardedEmbeddingCollection(nn.Module):
         self.features = [f.name for f in self.fields]
         self.plan: dict[str, tuple[str, int | None]] | None = None
         self._device = torch.device("cpu")
-        self._frozen = False
+        self.frozen = False  # every table frozen: forward without autograd (set by ``shard``)
         self.init_std = init_std
         self._pending: dict[str, torch.Tensor] = {}  # whole tables loaded before sharding
         by_table: dict[str, list[FieldSpec]] = {}
@@ -100,10 +100,6 @@ class ShardedEmbeddingCollection(nn.Module):
     @property
     def is_sharded(self) -> bool:
         return self.plan is not None
-
-    @property
-    def frozen(self) -> bool:
-        return self._frozen or not any(p.requires_grad for p in self.ebc.parameters())
 
     def kjt(self, batch: Batch, rows: int | None = None):
         """The batch's ids as a ``KeyedJaggedTensor`` of ``rows`` rows (default: the batch's),
@@ -131,10 +127,7 @@ class ShardedEmbeddingCollection(nn.Module):
                                "(the stage loop does, in every Ray Train worker)")
         device = batch.label.device
         kjt = self.kjt(batch, self._common_rows(len(batch))).to(self._device)
-        if self.frozen:
-            with torch.no_grad():
-                out = self.ebc(kjt).to_dict()
-        else:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             out = self.ebc(kjt).to_dict()
         return {name: out[name][: len(batch)].to(device) for name in self.features}
 
@@ -150,7 +143,7 @@ class ShardedEmbeddingCollection(nn.Module):
         rows) must still join the collectives. Padding rows hold no ids and are dropped."""
         import torch.distributed as dist
 
-        if not self.is_sharded or not dist.is_initialized() or dist.get_world_size() == 1:
+        if not dist.is_initialized() or dist.get_world_size() == 1:
             return n
         t = torch.tensor([max(n, 1)], dtype=torch.long)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -172,9 +165,9 @@ class ShardedEmbeddingCollection(nn.Module):
 
         set_gradient_division(False)  # the loop's loss is already divided by the step's global row count
         device = device or torch.device("cpu")
-        self._frozen = self.frozen
         trainable = [p for p in self.ebc.parameters() if p.requires_grad]
         frozen = [p for p in self.ebc.parameters() if not p.requires_grad]
+        self.frozen = not trainable
         if trainable:
             cls, kwargs = fused_optimizer(optimizer, lr, eps, device)
             apply_optimizer_in_backward(cls, trainable, kwargs)
@@ -189,22 +182,19 @@ class ShardedEmbeddingCollection(nn.Module):
                          device=device)
         self._device = device
         self.plan = plan
-        for key in self.state_dict():
+        for key, value in self.state_dict().items():
             if key not in self._pending:
-                self._init_shards(key)
+                self._init_shards(key, value)
         self.load_unsharded(self._pending)
         self._pending = {}
         return self
 
-    def _init_shards(self, key: str, block: int = 1 << 16) -> None:
+    def _init_shards(self, key: str, value, block: int = 1 << 16) -> None:
         """Normal(0, init_std) values for this worker's shards of table ``key``: blocks of rows
         drawn from a seed per (table, block), so the values do not depend on the plan."""
-        value = self.state_dict()[key]
-        shards = ([(s.metadata.shard_offsets, s.tensor) for s in value.local_shards()]
-                  if hasattr(value, "local_shards") else [([0, 0], value)])
         base = torch.initial_seed() + zlib.crc32(key.encode())
         with torch.no_grad():
-            for (row0, col0), tensor in shards:
+            for (row0, col0), tensor in shards_of(value):
                 rows, cols = tensor.shape
                 for b in range(row0 // block, (row0 + rows - 1) // block + 1):
                     g = torch.Generator().manual_seed((base + b) % 2**63)
@@ -225,13 +215,8 @@ class ShardedEmbeddingCollection(nn.Module):
             if full is None:
                 continue
             with torch.no_grad():
-                if hasattr(value, "local_shards"):
-                    for s in value.local_shards():
-                        index = tuple(slice(o, o + n) for o, n in zip(s.metadata.shard_offsets,
-                                                                      s.metadata.shard_sizes))
-                        s.tensor.copy_(full[index])
-                else:
-                    value.copy_(full)
+                for offsets, tensor in shards_of(value):
+                    tensor.copy_(full[region(offsets, tensor.shape)])
             loaded.append(prefix + key)
         return loaded
 
@@ -248,8 +233,20 @@ class ShardedEmbeddingCollection(nn.Module):
 
     def local_shards(self) -> dict[str, list[tuple[list[int], list[int]]]]:
         """This worker's shards per table: ``(offsets, sizes)``."""
-        return {key: [(s.metadata.shard_offsets, s.metadata.shard_sizes) for s in value.local_shards()]
+        return {key: [(offsets, list(tensor.shape)) for offsets, tensor in shards_of(value)]
                 for key, value in self.state_dict().items() if hasattr(value, "local_shards")}
+
+
+def shards_of(value) -> list[tuple[list[int], torch.Tensor]]:
+    """``(offsets, tensor)`` of this worker's pieces of a ShardedTensor; a plain tensor is one piece."""
+    if hasattr(value, "local_shards"):
+        return [(s.metadata.shard_offsets, s.tensor) for s in value.local_shards()]
+    return [([0] * value.dim(), value)]
+
+
+def region(offsets: list[int], shape) -> tuple[slice, ...]:
+    """The slice of the whole tensor that a shard at ``offsets`` with ``shape`` covers."""
+    return tuple(slice(o, o + n) for o, n in zip(offsets, shape))
 
 
 def _gather_all(state: dict, dst: int) -> dict[str, torch.Tensor] | None:
@@ -261,12 +258,11 @@ def _gather_all(state: dict, dst: int) -> dict[str, torch.Tensor] | None:
     def part(value):
         if hasattr(value, "local_shards"):
             return ("shards", tuple(value.size()), value.dtype,
-                    [(s.metadata.shard_offsets, s.tensor.detach().cpu()) for s in value.local_shards()])
+                    [(offsets, tensor.detach().cpu()) for offsets, tensor in shards_of(value)])
         return ("whole", value.detach().cpu().clone() if isinstance(value, torch.Tensor) else value)
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        parts_of = {k: [part(v)] for k, v in state.items()}
-        return {k: _assemble(p) for k, p in parts_of.items()}
+        return {k: _assemble([part(v)]) for k, v in state.items()}
     rank, world = dist.get_rank(), dist.get_world_size()
     keys: list = [None] * world
     dist.all_gather_object(keys, sorted(state))
@@ -286,7 +282,7 @@ def _assemble(parts: list) -> torch.Tensor:
     full = torch.zeros(size, dtype=dtype)
     for _, _, _, shards in parts:
         for offsets, tensor in shards:
-            full[tuple(slice(o, o + n) for o, n in zip(offsets, tensor.shape))] = tensor
+            full[region(offsets, tensor.shape)] = tensor
     return full
 
 

@@ -44,7 +44,7 @@ from raytrain_ctr.train.state import load_filtered
 from raytrain_ctr.train.sync import all_reduce_sum
 
 POLICIES = ("embedding", "cross", "deep")
-PRETRAINED, FINE_TUNED = 0, 1  # the two Gumbel categories (§3.3)
+PRETRAINED = 0  # the Gumbel category of the frozen pre-trained copy; 1 is the fine-tuned one (§3.3)
 
 
 class PolicyNet(nn.Module):

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from raytrain_ctr.embedding import sharded_parameter_ids
+
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -54,8 +56,6 @@ class GradientSync:
     """Sums gradients over workers after ``backward`` (no-op on one worker)."""
 
     def __init__(self, model: nn.Module):
-        from raytrain_ctr.embedding import sharded_parameter_ids
-
         sparse_ids, fused = {id(p) for p in sparse_parameters(model)}, sharded_parameter_ids(model)
         params = [p for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0])
                   if p.requires_grad and id(p) not in fused]
