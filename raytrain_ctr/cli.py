@@ -7,6 +7,8 @@
     raytrain-ctr run --config YAML [--variant V] [--stage S] [--force] [--set KEY=VALUE ...]
     raytrain-ctr compare --config YAML --methods M[:k=v,...] ... --seeds 0 1 2 --out DIR
     raytrain-ctr tune --config YAML [--space YAML] --samples N --out DIR
+    raytrain-ctr probe --config YAML [--k 5] [--rows 20] [--columns C ...] [--out FILE.csv]
+                                                   CDAnet §5.3: nearest other-domain rows of translated latents
     raytrain-ctr demo                              the README's main job: a MovieLens leaderboard
 """
 
@@ -123,6 +125,20 @@ def cmd_tune(a: argparse.Namespace) -> None:
     print(f"best: {trials[0] if trials else None}")
 
 
+def cmd_probe(a: argparse.Namespace) -> None:
+    from raytrain_ctr.probe import probe
+
+    table, summary = probe(experiment(a), k=a.k, rows=a.rows, pool=a.pool, split=a.split,
+                           positives=not a.all_labels, columns=a.columns, metric=a.metric, seed=a.seed)
+    print(table.head(a.show * a.k).to_string(index=False, float_format="{:.4f}".format))
+    print()
+    print(summary.to_string(index=False, float_format="{:.4f}".format))
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(a.out, index=False)
+        print(f"written: {a.out} ({len(table)} rows)")
+
+
 DEMO_METHODS = ["target_only", "source_only", "all", "finetune:pretrain=source", "finetune:pretrain=all",
                 "l2sp:pretrain=source", "spottune:pretrain=source", "autoft:pretrain=source", "autoft:pretrain=all"]
 
@@ -194,6 +210,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-concurrent", type=int, default=2)
     s.add_argument("--out", default="runs/tune")
     s.set_defaults(func=cmd_tune)
+
+    s = sub.add_parser("probe", help="CDAnet §5.3: the k nearest other-domain rows of translated latent features")
+    with_config(s)
+    s.add_argument("--k", type=int, default=5)
+    s.add_argument("--rows", type=int, default=20, help="query rows of the served domain (a seeded sample)")
+    s.add_argument("--pool", type=int, default=20_000, help="rows of the other domain's train split to search")
+    s.add_argument("--split", default="test", help="split the query rows come from")
+    s.add_argument("--all-labels", action="store_true", help="not only positive rows (§5.3 uses positives)")
+    s.add_argument("--columns", nargs="+", default=None, help="Parquet columns to show (default: ids, title)")
+    s.add_argument("--metric", choices=("euclidean", "cosine"), default="euclidean")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--show", type=int, default=5, help="query rows printed (all go to --out)")
+    s.add_argument("--out", default=None, help="CSV of every query row's neighbours")
+    s.set_defaults(func=cmd_probe)
 
     s = sub.add_parser("demo", help="the README's main job: MovieLens-100K leaderboard (baselines, SpotTune, AutoFT)")
     s.add_argument("--data", default="data/ml100k")

@@ -36,7 +36,9 @@ class Entry:
 
     @property
     def label(self) -> str:
-        return self.method + (f"({','.join(str(v) for v in self.args.values())})" if self.args else "")
+        """``finetune(all)``; switches keep their names: ``cdanet(mmoe=False)``."""
+        shown = [f"{k}={v}" if isinstance(v, bool) else str(v) for k, v in self.args.items()]
+        return self.method + (f"({','.join(shown)})" if shown else "")
 
 
 METRICS = (("test_auc", "AUC", True), ("test_logloss", "LogLoss", False), ("test_gauc", "GAUC", True))

@@ -97,6 +97,11 @@ def _storage(cfg: ExperimentConfig, *parts: str) -> str:
     return join(cfg.storage, *parts) if "://" in cfg.storage else str(Path(cfg.storage).absolute().joinpath(*parts))
 
 
+def stage_dir(cfg: ExperimentConfig, stage: Stage, keys: dict[str, str]) -> str:
+    """Where a stage's artifact lives: ``STORAGE/stages/STAGE-KEY`` (a local path or a URI)."""
+    return _storage(cfg, "stages", artifact_name(stage, keys))
+
+
 def run_stage(cfg: ExperimentConfig, dataset: CTRDataset, stage: Stage, keys: dict[str, str],
               fresh: bool = False, callbacks: list | None = None) -> dict:
     """One ``TorchTrainer.fit``; resumes the stage's last Ray Train checkpoint unless ``fresh``."""
@@ -107,7 +112,7 @@ def run_stage(cfg: ExperimentConfig, dataset: CTRDataset, stage: Stage, keys: di
     upstream = None
     if stage.init_from:
         method = get_method(cfg.method, cfg.method_args)
-        upstream = _storage(cfg, "stages", artifact_name(method.stage(stage.init_from), keys), MODEL_FILE)
+        upstream = join(stage_dir(cfg, method.stage(stage.init_from), keys), MODEL_FILE)
         if not _exists(fs, resolve(upstream)[1]):
             raise PipelineError(f"stage '{stage.name}' of '{cfg.method}' needs the artifact of stage "
                                 f"'{stage.init_from}' at {upstream}; run that stage first")
@@ -147,7 +152,7 @@ def run_stage(cfg: ExperimentConfig, dataset: CTRDataset, stage: Stage, keys: di
     result = trainer.fit()
     if result.checkpoint is None or not (result.metrics or {}).get("final"):
         raise PipelineError(f"stage '{stage.name}' ended without its final report: {result.error}")
-    art = resolve(_storage(cfg, "stages", name))[1]
+    art = resolve(stage_dir(cfg, stage, keys))[1]
     fs.create_dir(art, recursive=True)
     with result.checkpoint.as_directory() as d:  # model.pt, metrics.json and the method's own files
         for f in sorted(Path(d).iterdir()):
@@ -174,7 +179,7 @@ def run(cfg: ExperimentConfig, stage: str | None = None, force: bool = False,
         f.write(json.dumps(cfg.to_dict(), indent=2, default=str).encode())
     results = {}
     for st in stages:
-        art = resolve(_storage(cfg, "stages", artifact_name(st, keys)))[1]
+        art = resolve(stage_dir(cfg, st, keys))[1]
         if not force and _exists(fs, join(art, METRICS_FILE)) and _exists(fs, join(art, MODEL_FILE)):
             log.info("stage %s: artifacts exist at %s, skipped", st.name, art)
             results[st.name] = {**_read_json(fs, join(art, METRICS_FILE)), "skipped": True}

@@ -34,6 +34,14 @@ SPACES: dict[str, dict[str, Any]] = {
                "method_args.policy_output_relu": {"choice": [True, False]}},
 }
 SPACES["spottune"] = SPACES["autoft"]
+# The joint baselines' architecture (CDAnet §5.1.3 grid-searches it for every model)
+SPACES["share_bottom"] = {"method_args.d": {"choice": [32, 64, 128]}, "method_args.expert_depth": {"choice": [1, 2, 3]},
+                          "method_args.tower_depth": {"choice": [1, 2, 3]}}
+SPACES["mmoe"] = SPACES["ple"] = {**SPACES["share_bottom"], "method_args.experts": {"choice": [1, 2, 4, 8]}}
+SPACES["star"] = SPACES["share_bottom"]
+# CDAnet §5.4.2 (Figure 6): α, β, K experts; and expert depth, tower depth, d
+SPACES["cdanet"] = {**SPACES["mmoe"], "method_args.alpha": {"loguniform": [1e-3, 1.0]},
+                    "method_args.beta": {"loguniform": [1e-3, 1.0]}}
 
 
 def to_tune(space: dict[str, Any]) -> dict[str, Any]:

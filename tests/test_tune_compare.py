@@ -20,6 +20,7 @@ def test_entry_parsing():
     e = Entry.parse("finetune:pretrain=all,alpha=0.01")
     assert e.method == "finetune" and e.args == {"pretrain": "all", "alpha": 0.01}
     assert e.label == "finetune(all,0.01)" and Entry.parse("all").args == {}
+    assert Entry.parse("cdanet:mmoe=false").label == "cdanet(mmoe=False)"
 
 
 def test_space_checks():

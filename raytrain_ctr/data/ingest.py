@@ -36,7 +36,7 @@ class TimeWindow:
     end: int | None = None
 
 
-def _filter_rows(batch: pa.Table, where: dict, time_col: str | None, start: int | None, end: int | None) -> pa.Table:
+def filter_rows(batch: pa.Table, where: dict, time_col: str | None, start: int | None, end: int | None) -> pa.Table:
     mask = None
     conds = [pc.equal(batch.column(c), pa.scalar(v)) for c, v in where.items()]
     if time_col and start is not None:
@@ -83,7 +83,7 @@ def read_split(dataset: CTRDataset, domain: str, split: str, window: TimeWindow 
     w = window or TimeWindow()
     keep = {"where": dom.where, "time_col": dom.spec.time, "start": w.start, "end": w.end}
     if cache_below_bytes and on_disk_bytes(dataset, files) < cache_below_bytes:
-        table = _filter_rows(pq.read_table(files, columns=columns, filesystem=dataset.filesystem), **keep)
+        table = filter_rows(pq.read_table(files, columns=columns, filesystem=dataset.filesystem), **keep)
         step = max(1, -(-table.num_rows // min_blocks))
         return ray.data.from_arrow([table.slice(i, step) for i in range(0, max(table.num_rows, 1), step)])
     shuffle = None
@@ -92,7 +92,7 @@ def read_split(dataset: CTRDataset, domain: str, split: str, window: TimeWindow 
     ds = ray.data.read_parquet(files, filesystem=dataset.filesystem, shuffle=shuffle).select_columns(columns)
     ds.context.target_max_block_size = block_bytes(dataset, files, min_blocks)
     if dom.where or window:
-        ds = ds.map_batches(_filter_rows, batch_format="pyarrow", batch_size=None, fn_kwargs=keep)
+        ds = ds.map_batches(filter_rows, batch_format="pyarrow", batch_size=None, fn_kwargs=keep)
     return ds
 
 

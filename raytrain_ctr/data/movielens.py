@@ -4,6 +4,7 @@ Male users are the source domain, female users the target; rating > 3 is a posit
 Fields: user id, gender, age, occupation, movie id, release year, genres (multi-hot) and
 the user's behaviour sequence: the movies they rated strictly before the row's
 timestamp (ratings at the same second are not "before": no leakage), most recent last.
+The movie's ``title`` is kept as a column no spec lists (for inspection, e.g. the CDAnet probe).
 
 Reads three layouts: RecBole's atomic files (``ml-100k.{inter,user,item}``, shipped in
 the ``recbole==1.2.1`` wheel, never committed here: its licence forbids redistribution),
@@ -55,7 +56,8 @@ def _read_recbole(d: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
                             "rating": inter.rating.astype(float), "ts": inter.timestamp.astype(float).astype(int)})
     users = pd.DataFrame({"user": user.user_id.astype(int), "age": user.age.astype(int),
                           "gender": user.gender, "occupation": user.occupation})
-    items = pd.DataFrame({"item": item.item_id.astype(int), "year": pd.to_numeric(item.release_year, errors="coerce"),
+    items = pd.DataFrame({"item": item.item_id.astype(int), "title": item.movie_title,
+                          "year": pd.to_numeric(item.release_year, errors="coerce"),
                           "genres": item["class"].str.split()})
     return ratings, users, items
 
@@ -68,7 +70,7 @@ def _read_ml100k(d: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     flags = raw[list(ML100K_GENRES)].to_numpy().astype(bool)
     genres = [[g for g, on in zip(ML100K_GENRES, row) if on] for row in flags]
     year = pd.to_datetime(raw.date, format="%d-%b-%Y", errors="coerce").dt.year
-    items = pd.DataFrame({"item": raw.item, "year": year, "genres": genres})
+    items = pd.DataFrame({"item": raw.item, "title": raw.title, "year": year, "genres": genres})
     return ratings, users[["user", "age", "gender", "occupation"]], items
 
 
@@ -78,7 +80,8 @@ def _read_ml1m(d: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     users = pd.read_csv(d / "users.dat", names=["user", "gender", "age", "occupation", "zip"], **kw)
     movies = pd.read_csv(d / "movies.dat", names=["item", "title", "genres"], **kw)
     year = pd.to_numeric(movies.title.str.extract(r"\((\d{4})\)\s*$")[0], errors="coerce")
-    items = pd.DataFrame({"item": movies.item, "year": year, "genres": movies.genres.str.split("|")})
+    items = pd.DataFrame({"item": movies.item, "title": movies.title, "year": year,
+                          "genres": movies.genres.str.split("|")})
     return ratings, users[["user", "age", "gender", "occupation"]].astype({"occupation": str}), items
 
 
@@ -137,7 +140,7 @@ def build_table(ratings: pd.DataFrame, users: pd.DataFrame, items: pd.DataFrame)
     out = pd.DataFrame({
         "user_id": df.user.astype(np.int64), "gender": np.where(df.gender == "M", 1, 2),
         "age": age.astype(np.int64), "occupation": occupation, "movie_id": df.item.astype(np.int64),
-        "release_year": year, "genres": genres,
+        "release_year": year, "genres": genres, "title": df.title.fillna("").astype(str),
         "ts": df.ts.astype(np.int64), "rating": df.rating.astype(np.float32),
         "label": (df.rating > 3).astype(np.int8),
     })

@@ -7,10 +7,12 @@ import difflib
 from raytrain_ctr.methods.autoft import AutoFT, SpotTune
 from raytrain_ctr.methods.base import Method, Stage, StageContext
 from raytrain_ctr.methods.baselines import KEEP, L2SP, All, FineTune, SourceOnly, TargetOnly
+from raytrain_ctr.methods.cdanet import CDAnet
+from raytrain_ctr.methods.joint import STAR, MMoENet, PLENet, ShareBottom
 from raytrain_ctr.spec import SpecError, check_keys
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (TargetOnly, SourceOnly, All, FineTune, L2SP, KEEP, AutoFT,
-                                                         SpotTune)}
+                                                         SpotTune, ShareBottom, MMoENet, PLENet, STAR, CDAnet)}
 
 
 def get_method(name: str, args: dict | None = None) -> Method:
@@ -21,7 +23,9 @@ def get_method(name: str, args: dict | None = None) -> Method:
     cls = METHODS[name]
     args = dict(args or {})
     check_keys(args, set(cls.arg_defaults), f"method_args of '{name}'")
-    return cls(**args)
+    method = cls(**args)
+    method.stages  # noqa: B018 (resolving the stages checks the args' values)
+    return method
 
 
 __all__ = ["METHODS", "Method", "Stage", "StageContext", "get_method"]

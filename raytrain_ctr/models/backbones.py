@@ -78,20 +78,21 @@ class Backbone(nn.Module):
         return logit
 
 
-class CTRModel(nn.Module):
-    """Embedding layer + backbone. Fields of every domain it serves; absent ones read as zeros."""
+class FieldInputs(nn.Module):
+    """An embedding layer and dense fields → ``x_0`` (AutoFT eq. 4). Fields of every domain it
+    serves; absent ones read as zeros."""
 
-    def __init__(self, embedding: nn.Module, dense_fields: list[str], cfg: ModelConfig):
+    def __init__(self, embedding: nn.Module, dense_fields: list[str]):
         super().__init__()
         self.embedding = embedding
         self.dense_fields = list(dense_fields)
         self.pooled_names = [f.name for f in embedding.pooled_fields]
-        in_dim = sum(embedding.dim(n) for n in self.pooled_names) + len(self.dense_fields)
-        if cfg.backbone == "deepfm" and len({embedding.dim(n) for n in self.pooled_names}) > 1:
-            raise SpecError("model.backbone 'deepfm' needs one embedding dim for every field "
-                            "(set model.embedding_dim)")
-        self.in_dim = in_dim
-        self.backbone = Backbone(cfg, in_dim)
+        self.in_dim = sum(embedding.dim(n) for n in self.pooled_names) + len(self.dense_fields)
+
+    @classmethod
+    def of(cls, specs: list[DomainSpec], cfg: ModelConfig) -> FieldInputs:
+        """Over the union of the fields of ``specs``, with their tables."""
+        return cls(embedding_for(specs, fields_of(specs), cfg), dense_fields_of(specs))
 
     def dense(self, batch: Batch) -> torch.Tensor:
         """Dense features in this model's order; a field the batch's domain lacks reads as zero."""
@@ -106,6 +107,20 @@ class CTRModel(nn.Module):
         x0 = torch.cat([*vs, self.dense(batch)], dim=-1)
         v = torch.stack(vs, 1) if len({t.shape[-1] for t in vs}) == 1 else None
         return x0, v
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.inputs(batch)[0]
+
+
+class CTRModel(FieldInputs):
+    """Embedding layer + backbone over the fields of every domain it serves."""
+
+    def __init__(self, embedding: nn.Module, dense_fields: list[str], cfg: ModelConfig):
+        super().__init__(embedding, dense_fields)
+        if cfg.backbone == "deepfm" and len({embedding.dim(n) for n in self.pooled_names}) > 1:
+            raise SpecError("model.backbone 'deepfm' needs one embedding dim for every field "
+                            "(set model.embedding_dim)")
+        self.backbone = Backbone(cfg, self.in_dim)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         return self.backbone(*self.inputs(batch))

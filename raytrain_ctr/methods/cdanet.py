@@ -1,0 +1,173 @@
+"""CDAnet (Chen et al., cdanet.txt §4): a translation network, then an augmentation network.
+
+**Translation network** (§4.2, stage ``translation``, on mixed source + target batches):
+
+* decoupled embedding layers ``h_s = H_s(x_s)``, ``h_t = H_t(x_t)`` (eq. 1): the domains'
+  schemas may differ (:class:`~raytrain_ctr.methods.joint.DomainInputs`);
+* a shared MMoE feature extractor, experts ``F_i`` and a gate per domain → ``z_s``, ``z_t``
+  (eqs. 2–4);
+* cross-supervised translators ``W_s^tran``, ``W_t^tran`` (d×d): ``z'_s = W_t z_t`` goes
+  through the *source* tower, supervised by the target label (eq. 5), and symmetrically
+  (eq. 6); an orthogonality constraint ``‖W^T W z − z‖²`` on both (eq. 7);
+* towers ``R_s``, ``R_t`` (their depths may differ), vanilla CTR losses (eq. 8);
+* ``L_trans = L_vani + α·L_cross + β·L_orth`` (eq. 9).
+
+**Augmentation network** (§4.3, stage ``augmentation``, on the served domain): the
+embedding layer, the MMoE and the translator are loaded from the translation network, the
+tower ``R^aug`` is new, on ``z_t^aug = z_t ⊕ W_t z_t`` (eq. 10); loss eq. 11 + β·L_orth.
+``augment: source`` builds the source-side augmentation network instead (§4.3.2).
+
+Ablations of Table 5 are switches: ``mmoe: false`` (a shared MLP replaces the MMoE),
+``orth: false`` (β = 0), ``cross: false`` (α = 0), ``translation: false`` (the augmentation
+network alone, randomly initialised), ``augmentation: false`` (the translation network
+evaluated as is).
+
+:func:`translated_neighbours` is the semantics probe of §5.3.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raytrain_ctr.data.encode import Batch
+from raytrain_ctr.layers.experts import MMoE
+from raytrain_ctr.methods.base import Method, Stage, StageContext
+from raytrain_ctr.methods.joint import DOMAINS, JOINT_ARGS, Bottom, DomainInputs, tower, tower_depth
+from raytrain_ctr.spec import SpecError
+
+SWITCHES = ("mmoe", "orth", "cross", "translation", "augmentation")
+
+
+def other(domain: str) -> str:
+    return DOMAINS[1 - DOMAINS.index(domain)]
+
+
+class CDAnetModel(nn.Module):
+    """``H_p`` → extractor → ``z_p``; translators ``W_p^tran``; either the towers ``R_p`` of the
+    translation network or the augmentation network's new tower ``R_p^aug`` on ``z_p ⊕ W_p z_p``."""
+
+    def __init__(self, inputs: DomainInputs, extractor: nn.Module, d: int, domains: list[str],
+                 towers: dict[str, nn.Module] | None = None, augmented: nn.Module | None = None):
+        super().__init__()
+        self.inputs, self.extractor = inputs, extractor
+        self.translators = nn.ModuleDict({p: nn.Linear(d, d, bias=False) for p in domains})
+        for w in self.translators.values():
+            nn.init.orthogonal_(w.weight)  # starts where L_orth is 0 (eq. 7)
+        self.towers = nn.ModuleDict(towers) if towers else None
+        self.augmented = augmented
+
+    def latent(self, batch: Batch) -> torch.Tensor:
+        """``z_p`` of a batch of domain ``p`` (eqs. 1–4)."""
+        return self.extractor(self.inputs(batch), batch.domain)
+
+    def translate(self, z: torch.Tensor, domain: str) -> torch.Tensor:
+        """``z' = W_p^tran z``: domain ``p``'s latent feature mapped into the other domain's space."""
+        return self.translators[domain](z)
+
+    def orth(self, z: torch.Tensor, domain: str) -> torch.Tensor:
+        """``‖W^T (W z) − z‖²`` per row (eq. 7)."""
+        w = self.translators[domain].weight
+        return ((self.translate(z, domain) @ w - z) ** 2).sum(-1)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        z = self.latent(batch)
+        if self.augmented is not None:  # eq. 10 → R^aug
+            return self.augmented(torch.cat([z, self.translate(z, batch.domain)], -1)).squeeze(-1)
+        return self.towers[batch.domain](z).squeeze(-1)  # R_p(z_p), eq. 8
+
+
+class CDAnet(Method):
+    name = "cdanet"
+    description = "translation network (MMoE + cross-supervised translators), then augmentation network"
+    arg_defaults = {**{k: v for k, v in JOINT_ARGS.items() if k not in ("shared_embedding", "eval_domain")},
+                    "alpha": 0.01, "beta": 0.1, "augment": "target", "aug_tower_depth": None,
+                    **{s: True for s in SWITCHES}}
+
+    @property
+    def served(self) -> str:
+        p = self.args["augment"]
+        if p not in DOMAINS:
+            raise SpecError(f"method_args.augment: '{p}' is not one of {list(DOMAINS)}")
+        return p
+
+    @property
+    def stages(self) -> list[Stage]:
+        a, p = self.args, self.served
+        if not (a["translation"] or a["augmentation"]):
+            raise SpecError("method 'cdanet': translation and augmentation are both switched off")
+        out = []
+        if a["translation"]:
+            out.append(Stage("translation", DOMAINS, eval_domain=p))
+        if a["augmentation"]:
+            out.append(Stage("augmentation", (p,), eval_domain=p,
+                             init_from="translation" if a["translation"] else None,
+                             load_include=carried_over(p) if a["translation"] else ()))
+        return out
+
+    def build(self, ctx: StageContext) -> nn.Module:
+        a, d, dropout = self.args, self.args["d"], ctx.model_cfg.dropout
+        domains = list(DOMAINS) if ctx.stage.name == "translation" else [self.served]
+        inputs = DomainInputs(ctx.specs, domains, ctx.model_cfg, d)
+        extractor = (MMoE(d, d, a["experts"], a["expert_depth"], domains, dropout) if a["mmoe"]
+                     else Bottom(d, a["expert_depth"], dropout))
+        if ctx.stage.name == "translation":
+            towers = {p: tower(d, d, tower_depth(a, p), dropout) for p in domains}
+            return CDAnetModel(inputs, extractor, d, domains, towers=towers)
+        depth = a["aug_tower_depth"] or tower_depth(a, self.served)
+        return CDAnetModel(inputs, extractor, d, domains, augmented=tower(2 * d, d, depth, dropout))
+
+    def weights(self) -> dict[str, float]:
+        """The loss weights of eq. 9 after the ablation switches."""
+        a = self.args
+        return {"vani": 1.0, "cross": a["alpha"] if a["cross"] else 0.0, "orth": a["beta"] if a["orth"] else 0.0}
+
+    def terms(self, model: CDAnetModel, batches: dict[str, Batch]) -> dict[str, torch.Tensor]:
+        """The loss terms summed over the step's rows: ``vani`` (eq. 8; eq. 11 in the augmentation
+        network), ``cross`` (eqs. 5, 6; translation only) and ``orth`` (eq. 7)."""
+        out = {k: torch.zeros(()) for k in ("vani", "cross", "orth")}
+        for p, batch in batches.items():
+            z, y = model.latent(batch), batch.label
+            if model.augmented is not None:
+                out["vani"] = out["vani"] + bce(model.augmented(torch.cat([z, model.translate(z, p)], -1)), y)
+            else:
+                out["vani"] = out["vani"] + bce(model.towers[p](z), y)
+                out["cross"] = out["cross"] + bce(model.towers[other(p)](model.translate(z, p)), y)
+            out["orth"] = out["orth"] + model.orth(z, p).sum()
+        return out
+
+    def loss(self, model: nn.Module, batches: dict[str, Batch], ctx: StageContext) -> torch.Tensor:
+        w = self.weights()
+        return sum(w[k] * v for k, v in self.terms(model, batches).items())
+
+
+def bce(logit: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """``BCE(σ(logit), y)`` summed over rows (the loop divides by the step's row count)."""
+    return F.binary_cross_entropy_with_logits(logit.squeeze(-1), label, reduction="sum")
+
+
+def carried_over(domain: str) -> tuple[str, ...]:
+    """What the augmentation network loads from the translation network (§4.3): the domain's
+    embedding layer, the extractor (experts and the domain's gate) and its translator; not the tower."""
+    return (f"inputs.fields.{domain}.*", f"inputs.project.{domain}.*", "extractor.experts.*", "extractor.mlp.*",
+            f"extractor.gates.{domain}.*", f"translators.{domain}.*")
+
+
+@torch.no_grad()
+def translated_neighbours(model: CDAnetModel, rows: Batch, pool: Batch, k: int = 5,
+                          metric: str = "euclidean") -> tuple[torch.Tensor, torch.Tensor]:
+    """The semantics probe of §5.3: each row of ``rows`` (one domain) is translated into the other
+    domain's latent space (``W_p z_p``) and its ``k`` nearest rows of ``pool`` (the other domain,
+    by their own ``z``) are found. Returns (indices [N, k] into ``pool``, distances [N, k])."""
+    model.eval()
+    query = model.translate(model.latent(rows), rows.domain)
+    keys = model.latent(pool)
+    if metric == "cosine":
+        dist = 1 - F.normalize(query, dim=-1) @ F.normalize(keys, dim=-1).T
+    elif metric == "euclidean":
+        dist = torch.cdist(query, keys)
+    else:
+        raise SpecError(f"probe metric: '{metric}' is not one of ['euclidean', 'cosine']")
+    d, idx = dist.topk(min(k, len(pool)), dim=1, largest=False)
+    return idx, d

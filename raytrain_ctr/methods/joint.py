@@ -1,0 +1,199 @@
+"""Joint-training baselines over heterogeneous inputs (CDAnet §5.1.2): Share-Bottom, MMoE, PLE, STAR.
+
+Every model trains one objective per domain on mixed source + target batches and is
+evaluated on one domain (``eval_domain``, the target by default). Inputs go through
+per-domain embedding layers ``H_p`` (CDAnet eq. 1: decoupled, so the domains' schemas may
+differ) mapped to a common ``d``; ``shared_embedding: true`` shares one embedding layer
+over the union of the fields instead (a field absent from a domain reads as zeros).
+
+* **Share-Bottom** (CDAnet's *ShareMiddle*): a shared MLP after the embedding layers, one
+  tower per domain.
+* **MMoE** (Ma et al. 2018): shared experts, a gate per domain, a tower per domain.
+* **PLE** (Tang et al. 2020): shared and per-domain experts, progressive extraction.
+* **STAR** (Sheng et al. 2021): partitioned normalisation, star-topology FC layers
+  (shared ⊙ domain weights) down to the logit, plus an auxiliary network on the domain
+  indicator.
+
+A tower has ``tower_depth`` layers including the logit layer (CDAnet §5.1.3); it may differ
+per domain (``tower_depth: {source: 3, target: 2}``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from raytrain_ctr.data.encode import Batch
+from raytrain_ctr.layers.experts import PLE, MMoE, PartitionedNorm, StarLinear, expert
+from raytrain_ctr.layers.mlp import MLP
+from raytrain_ctr.methods.base import Method, Stage, StageContext
+from raytrain_ctr.models.backbones import FieldInputs
+from raytrain_ctr.spec import DomainSpec, SpecError
+
+DOMAINS = ("source", "target")
+JOINT_ARGS: dict[str, Any] = {"d": 64, "experts": 2, "expert_depth": 2, "tower_depth": 2,
+                              "shared_embedding": False, "eval_domain": "target"}
+
+
+class DomainInputs(nn.Module):
+    """``h_p = H_p(x_p)`` ∈ R^d (CDAnet eq. 1): a domain's field embeddings and dense features,
+    concatenated and mapped linearly to ``d``; one embedding layer per domain unless ``shared``."""
+
+    def __init__(self, specs: dict[str, DomainSpec], domains: list[str], cfg, d: int, shared: bool = False):
+        super().__init__()
+        self.shared = shared
+        if shared:
+            self.fields = nn.ModuleDict({"all": FieldInputs.of([specs[p] for p in domains], cfg)})
+        else:
+            self.fields = nn.ModuleDict({p: FieldInputs.of([specs[p]], cfg) for p in domains})
+        self.project = nn.ModuleDict({p: nn.Linear(self.fields["all" if shared else p].in_dim, d) for p in domains})
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        fields = self.fields["all" if self.shared else batch.domain]
+        return self.project[batch.domain](fields(batch))
+
+
+def tower_depth(args: dict, domain: str) -> int:
+    depth = args["tower_depth"]
+    depth = depth[domain] if isinstance(depth, dict) else depth
+    if not isinstance(depth, int) or depth < 1:
+        raise SpecError(f"method_args.tower_depth: {domain}'s tower needs ≥ 1 layer (the logit layer), got {depth}")
+    return depth
+
+
+def tower(in_dim: int, width: int, depth: int, dropout: float = 0.0) -> MLP:
+    """A prediction tower ``R``: ``depth`` layers, the last one the logit mapping."""
+    return MLP(in_dim, [width] * (depth - 1), out_dim=1, dropout=dropout)
+
+
+class Bottom(nn.Module):
+    """A shared MLP (Share-Bottom; CDAnet's 'w/o MMoE' extractor): the same for every domain."""
+
+    def __init__(self, d: int, depth: int, dropout: float = 0.0):
+        super().__init__()
+        self.mlp = expert(d, d, depth, dropout)
+
+    def forward(self, h: torch.Tensor, domain: str) -> torch.Tensor:
+        return self.mlp(h)
+
+
+class Extraction(nn.Module):
+    """PLE as a body: the domain's output of the last level."""
+
+    def __init__(self, ple: PLE):
+        super().__init__()
+        self.ple = ple
+
+    def forward(self, h: torch.Tensor, domain: str) -> torch.Tensor:
+        return self.ple(h)[domain]
+
+
+class Towers(nn.Module):
+    """A shared body and one prediction tower per domain."""
+
+    def __init__(self, body: nn.Module, towers: dict[str, nn.Module]):
+        super().__init__()
+        self.body = body
+        self.towers = nn.ModuleDict(towers)
+
+    def forward(self, h: torch.Tensor, domain: str) -> torch.Tensor:
+        return self.towers[domain](self.body(h, domain)).squeeze(-1)
+
+
+class Star(nn.Module):
+    """STAR: partitioned normalisation, star-topology FC layers to the logit, and an auxiliary
+    network on the domain indicator whose logit is added."""
+
+    def __init__(self, d: int, layers: int, domains: list[str], dropout: float = 0.0):
+        super().__init__()
+        self.domains = list(domains)
+        self.norm = PartitionedNorm(d, domains)
+        self.layers = nn.ModuleList(StarLinear(d, d, domains) for _ in range(layers - 1))
+        self.out = StarLinear(d, 1, domains)
+        self.act = nn.Sequential(nn.ReLU(), nn.Dropout(dropout)) if dropout else nn.ReLU()
+        self.indicator = nn.Embedding(len(domains), d)
+        self.aux = MLP(2 * d, [d], out_dim=1)
+
+    def forward(self, h: torch.Tensor, domain: str) -> torch.Tensor:
+        x = self.norm(h, domain)
+        for layer in self.layers:
+            x = self.act(layer(x, domain))
+        ind = self.indicator.weight[self.domains.index(domain)].expand(len(h), -1)
+        return (self.out(x, domain) + self.aux(torch.cat([ind, h], -1))).squeeze(-1)
+
+
+class JointModel(nn.Module):
+    """Per-domain inputs ``H_p`` and a multi-domain network: the logit of a batch of its domain."""
+
+    def __init__(self, inputs: DomainInputs, network: nn.Module):
+        super().__init__()
+        self.inputs, self.network = inputs, network
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.network(self.inputs(batch), batch.domain)
+
+
+class Joint(Method):
+    """One stage on source + target together, evaluated on ``eval_domain``."""
+
+    arg_defaults = JOINT_ARGS
+
+    @property
+    def stages(self) -> list[Stage]:
+        if self.args["eval_domain"] not in DOMAINS:
+            raise SpecError(f"method_args.eval_domain: '{self.args['eval_domain']}' is not one of {list(DOMAINS)}")
+        return [Stage("joint", DOMAINS, eval_domain=self.args["eval_domain"])]
+
+    def network(self, d: int, dropout: float) -> nn.Module:
+        raise NotImplementedError
+
+    def build(self, ctx: StageContext) -> nn.Module:
+        a = self.args
+        inputs = DomainInputs(ctx.specs, list(DOMAINS), ctx.model_cfg, a["d"], a["shared_embedding"])
+        return JointModel(inputs, self.network(a["d"], ctx.model_cfg.dropout))
+
+    def towers(self, d: int, dropout: float) -> dict[str, nn.Module]:
+        return {p: tower(d, d, tower_depth(self.args, p), dropout) for p in DOMAINS}
+
+
+class ShareBottom(Joint):
+    name = "share_bottom"
+    description = "joint: per-domain embeddings, a shared bottom MLP, a tower per domain (ShareMiddle)"
+
+    def network(self, d: int, dropout: float) -> nn.Module:
+        return Towers(Bottom(d, self.args["expert_depth"], dropout), self.towers(d, dropout))
+
+
+class MMoENet(Joint):
+    name = "mmoe"
+    description = "joint: per-domain embeddings, shared experts with a gate per domain, a tower per domain"
+
+    def network(self, d: int, dropout: float) -> nn.Module:
+        a = self.args
+        return Towers(MMoE(d, d, a["experts"], a["expert_depth"], list(DOMAINS), dropout), self.towers(d, dropout))
+
+
+class PLENet(Joint):
+    name = "ple"
+    description = "joint: per-domain embeddings, shared and per-domain experts (progressive extraction)"
+    arg_defaults = {**JOINT_ARGS, "specific_experts": 1, "levels": 2}
+
+    def network(self, d: int, dropout: float) -> nn.Module:
+        a = self.args
+        ple = PLE(d, d, list(DOMAINS), shared=a["experts"], specific=a["specific_experts"], depth=a["expert_depth"],
+                  levels=a["levels"], dropout=dropout)
+        return Towers(Extraction(ple), self.towers(d, dropout))
+
+
+class STAR(Joint):
+    name = "star"
+    description = "joint: per-domain embeddings, partitioned norm, star-topology FC (shared ⊙ domain weights)"
+
+    def network(self, d: int, dropout: float) -> nn.Module:
+        depths = {tower_depth(self.args, p) for p in DOMAINS}
+        if len(depths) > 1:
+            raise SpecError("method 'star': its star-topology layers have one shape for every domain; "
+                            "method_args.tower_depth must be one number")
+        return Star(d, self.args["expert_depth"] + depths.pop(), list(DOMAINS), dropout)
