@@ -211,18 +211,22 @@ def test_translation_learns_and_the_probe_finds_neighbours(data, tiny_data):
     assert torch.equal(idx, brute)
 
 
-def test_cdanet_end_to_end_on_ray(tiny_data, ray_local, tmp_path):
-    """Both stages through the pipeline with 2 workers; then the probe reads the translation network."""
+@pytest.mark.parametrize("backend", ["local", "torchrec"])
+def test_cdanet_end_to_end_on_ray(tiny_data, ray_local, tmp_path, backend):
+    """Both stages through the pipeline with 2 workers (per-domain tables replicated, or sharded on
+    TorchRec: one collection per domain); the artifact reproduces its test AUC in one process on the
+    local backend; then the probe reads the translation network."""
     cfg = from_dict({"data": tiny_data, "method": "cdanet", "method_args": SMALL, "storage": str(tmp_path / "runs"),
-                     "model": {"backbone": "dnn", "deep": [32]},
-                     "train": {"epochs": 1, "batch_size": 1024, "sparse_lr": 0.01, "workers": 2}})
+                     "model": {"backbone": "dnn", "deep": [32], "embedding_backend": backend},
+                     "train": {"epochs": 1, "batch_size": 1024, "sparse_lr": 0.01, "workers": 2,
+                               "sparse_optimizer": "adam" if backend == "local" else "adagrad"}})
     res = pipeline.run(cfg)
     assert res["translation"]["test_auc"] > 0.6 and res["augmentation"]["test_auc"] > 0.6
     # the augmentation model saved by rank 0 reproduces its test AUC in one process
     m = get_method("cdanet", SMALL)
     st = m.stage("augmentation")
     specs = {d: CTRDataset.load(tiny_data).domain(d).spec for d in ("source", "target")}
-    model = m.build(StageContext(st, specs, cfg.model, m.args))
+    model = m.build(StageContext(st, specs, MCFG, m.args))
     model.load_state_dict(torch.load(f"{res['augmentation']['artifact']}/model.pt"))
     model.eval()
     from raytrain_ctr.train.metrics import summarize
@@ -231,6 +235,8 @@ def test_cdanet_end_to_end_on_ray(tiny_data, ray_local, tmp_path):
     with torch.no_grad():
         again = summarize(batch.label.numpy(), torch.sigmoid(model(batch)).numpy(), batch.user.numpy())
     assert again["auc"] == pytest.approx(res["augmentation"]["test_auc"], abs=1e-5)
+    if backend == "torchrec":
+        return
 
     table, summary = probe(cfg, k=3, rows=10, pool=2000, columns=["user_id", "item_id"])
     assert len(table) == 30 and list(table["rank"][:3]) == [1, 2, 3]
