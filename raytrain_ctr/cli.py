@@ -219,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default="test", help="split the query rows come from")
     s.add_argument("--all-labels", action="store_true", help="not only positive rows (§5.3 uses positives)")
     s.add_argument("--columns", nargs="+", default=None, help="Parquet columns to show (default: ids, title)")
-    s.add_argument("--metric", choices=("euclidean", "cosine"), default="euclidean")
+    s.add_argument("--metric", choices=("euclidean", "cosine", "centered"), default="euclidean",
+                   help="centered: cosine after removing each set's mean")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--show", type=int, default=5, help="query rows printed (all go to --out)")
     s.add_argument("--out", default=None, help="CSV of every query row's neighbours")

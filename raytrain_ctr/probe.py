@@ -33,12 +33,20 @@ from raytrain_ctr.train.loop import MODEL_FILE
 
 
 def read_rows(ds: CTRDataset, domain: str, split: str, limit: int, positives: bool, seed: int) -> pa.Table:
-    """Up to ``limit`` rows of a split (a seeded sample), positives only if asked."""
+    """Up to ``limit`` rows of a split, positives only if asked: files in a seeded order, read until
+    there are enough rows (a split may be far larger than memory), then a seeded sample of them."""
     dom = ds.domain(domain)
-    table = pa.concat_tables([filter_rows(pq.read_table(f, filesystem=ds.filesystem), dom.where, None, None, None)
-                              for f in ds.files(domain, split)], promote_options="default")
-    if positives:
-        table = table.filter(pc.equal(table.column(dom.spec.label), 1))
+    files = ds.files(domain, split)
+    parts, rows = [], 0
+    for i in np.random.default_rng(seed).permutation(len(files)):
+        part = filter_rows(pq.read_table(files[i], filesystem=ds.filesystem), dom.where, None, None, None)
+        if positives:
+            part = part.filter(pc.equal(part.column(dom.spec.label), 1))
+        parts.append(part)
+        rows += part.num_rows
+        if rows >= limit:
+            break
+    table = pa.concat_tables(parts, promote_options="default")
     if table.num_rows > limit:
         table = table.take(np.sort(np.random.default_rng(seed).choice(table.num_rows, limit, replace=False)))
     return table

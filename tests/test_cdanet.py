@@ -207,19 +207,24 @@ def test_translation_learns_and_the_probe_finds_neighbours(data, tiny_data):
     idx, dist = translated_neighbours(res.model, rows, pool, k=4)
     assert idx.shape == (50, 4) and (dist[:, 1:] >= dist[:, :-1]).all()
     z = res.model.translate(res.model.latent(rows), "target")
-    brute = torch.cdist(z, res.model.latent(pool)).argsort(1)[:, :4]
-    assert torch.equal(idx, brute)
+    keys = res.model.latent(pool)
+    assert torch.equal(idx, torch.cdist(z, keys).argsort(1)[:, :4])
+    idx, _ = translated_neighbours(res.model, rows, pool, k=4, metric="centered")
+    zc, kc = z - z.mean(0), keys - keys.mean(0)
+    cos = (zc @ kc.T) / zc.norm(dim=1, keepdim=True) / kc.norm(dim=1)
+    assert torch.equal(idx, cos.argsort(1, descending=True)[:, :4])
+    with pytest.raises(SpecError, match="metric"):
+        translated_neighbours(res.model, rows, pool, metric="manhattan")
 
 
-@pytest.mark.parametrize("backend", ["local", "torchrec"])
-def test_cdanet_end_to_end_on_ray(tiny_data, ray_local, tmp_path, backend):
-    """Both stages through the pipeline with 2 workers (per-domain tables replicated, or sharded on
-    TorchRec: one collection per domain); the artifact reproduces its test AUC in one process on the
-    local backend; then the probe reads the translation network."""
+def test_cdanet_end_to_end_on_ray(tiny_data, ray_local, tmp_path):
+    """Both stages through the pipeline with 2 workers, each domain's tables sharded on TorchRec (one
+    collection per domain); the artifact reproduces its test AUC in one process on the local
+    backend; then the probe reads the translation network's artifact."""
     cfg = from_dict({"data": tiny_data, "method": "cdanet", "method_args": SMALL, "storage": str(tmp_path / "runs"),
-                     "model": {"backbone": "dnn", "deep": [32], "embedding_backend": backend},
+                     "model": {"backbone": "dnn", "deep": [32], "embedding_backend": "torchrec"},
                      "train": {"epochs": 1, "batch_size": 1024, "sparse_lr": 0.01, "workers": 2,
-                               "sparse_optimizer": "adam" if backend == "local" else "adagrad"}})
+                               "sparse_optimizer": "adagrad"}})
     res = pipeline.run(cfg)
     assert res["translation"]["test_auc"] > 0.6 and res["augmentation"]["test_auc"] > 0.6
     # the augmentation model saved by rank 0 reproduces its test AUC in one process
@@ -235,8 +240,6 @@ def test_cdanet_end_to_end_on_ray(tiny_data, ray_local, tmp_path, backend):
     with torch.no_grad():
         again = summarize(batch.label.numpy(), torch.sigmoid(model(batch)).numpy(), batch.user.numpy())
     assert again["auc"] == pytest.approx(res["augmentation"]["test_auc"], abs=1e-5)
-    if backend == "torchrec":
-        return
 
     table, summary = probe(cfg, k=3, rows=10, pool=2000, columns=["user_id", "item_id"])
     assert len(table) == 30 and list(table["rank"][:3]) == [1, 2, 3]

@@ -163,11 +163,13 @@ def translated_neighbours(model: CDAnetModel, rows: Batch, pool: Batch, k: int =
     model.eval()
     query = model.translate(model.latent(rows), rows.domain)
     keys = model.latent(pool)
+    if metric == "centered":  # cosine after removing each set's mean (latents share a large common offset)
+        query, keys, metric = query - query.mean(0), keys - keys.mean(0), "cosine"
     if metric == "cosine":
         dist = 1 - F.normalize(query, dim=-1) @ F.normalize(keys, dim=-1).T
     elif metric == "euclidean":
         dist = torch.cdist(query, keys)
     else:
-        raise SpecError(f"probe metric: '{metric}' is not one of ['euclidean', 'cosine']")
+        raise SpecError(f"probe metric: '{metric}' is not one of ['euclidean', 'cosine', 'centered']")
     d, idx = dist.topk(min(k, len(pool)), dim=1, largest=False)
     return idx, d
