@@ -129,10 +129,12 @@ def cmd_probe(a: argparse.Namespace) -> None:
     from raytrain_ctr.probe import probe
 
     table, summary = probe(experiment(a), k=a.k, rows=a.rows, pool=a.pool, split=a.split,
-                           positives=not a.all_labels, columns=a.columns, metric=a.metric, seed=a.seed)
+                           positives=not a.all_labels, columns=a.columns, metric=a.metric, seed=a.seed,
+                           translate=not a.untranslated)
     print(table.head(a.show * a.k).to_string(index=False, float_format="{:.4f}".format))
     print()
     print(summary.to_string(index=False, float_format="{:.4f}".format))
+    print(f"distinct neighbours: {table.pool_row.nunique():,} pool rows of {len(table):,} neighbour slots")
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(a.out, index=False)
@@ -222,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metric", choices=("euclidean", "cosine", "centered"), default="euclidean",
                    help="centered: cosine after removing each set's mean")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--untranslated", action="store_true", help="search with z itself (the control for W z)")
     s.add_argument("--show", type=int, default=5, help="query rows printed (all go to --out)")
     s.add_argument("--out", default=None, help="CSV of every query row's neighbours")
     s.set_defaults(func=cmd_probe)

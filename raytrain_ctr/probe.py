@@ -5,7 +5,8 @@ the translation network's ``W_p z_p`` is compared with the latent features ``z``
 of the other domain's rows; the ``k`` nearest pool rows are listed beside the query row
 (ids, and any other Parquet columns, e.g. MovieLens titles). A summary gives, per column
 both domains have, how often a neighbour shares the query's value against chance (the
-share of pool rows that do), which makes the translation inspectable without labels.
+share of pool rows that do), which makes the translation inspectable without labels; and how many distinct pool rows
+the neighbours are (few means a handful of "hub" rows are everyone's nearest).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def default_columns(ds: CTRDataset, domain: str, table: pa.Table) -> list[str]:
 
 def probe(cfg: ExperimentConfig, k: int = 5, rows: int = 20, pool: int = 20_000, split: str = "test",
           positives: bool = True, columns: list[str] | None = None, metric: str = "euclidean",
-          seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+          seed: int = 0, translate: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(neighbour table, summary) for the translation network of ``cfg`` (its artifact must exist)."""
     method = get_method(cfg.method, cfg.method_args)
     if not isinstance(method, CDAnet) or not method.args["translation"]:
@@ -87,7 +88,7 @@ def probe(cfg: ExperimentConfig, k: int = 5, rows: int = 20, pool: int = 20_000,
             raise SpecError(f"probe --columns: {missing} not in the Parquet of domain '{dom}' "
                             f"(columns: {t.column_names})")
     idx, dist = translated_neighbours(model, FeatureEncoder(specs[p]).encode(q_table),
-                                      FeatureEncoder(specs[other(p)]).encode(k_table), k, metric)
+                                      FeatureEncoder(specs[other(p)]).encode(k_table), k, metric, translate)
     qdf = q_table.select([c for c in cols if c in q_table.column_names]).to_pandas()
     kdf = k_table.select([c for c in cols if c in k_table.column_names]).to_pandas()
     out = []
@@ -95,7 +96,8 @@ def probe(cfg: ExperimentConfig, k: int = 5, rows: int = 20, pool: int = 20_000,
         for r in range(idx.shape[1]):
             j = int(idx[i, r])
             out.append({"row": i, **{f"{p}.{c}": v for c, v in qdf.iloc[i].items()}, "rank": r + 1,
-                        "distance": float(dist[i, r]), **{f"{other(p)}.{c}": v for c, v in kdf.iloc[j].items()}})
+                        "distance": float(dist[i, r]), "pool_row": j,
+                        **{f"{other(p)}.{c}": v for c, v in kdf.iloc[j].items()}})
     table = pd.DataFrame(out)
     summary = []
     for c in cols:

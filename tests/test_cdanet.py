@@ -213,6 +213,8 @@ def test_translation_learns_and_the_probe_finds_neighbours(data, tiny_data):
     zc, kc = z - z.mean(0), keys - keys.mean(0)
     cos = (zc @ kc.T) / zc.norm(dim=1, keepdim=True) / kc.norm(dim=1)
     assert torch.equal(idx, cos.argsort(1, descending=True)[:, :4])
+    idx, _ = translated_neighbours(res.model, rows, pool, k=4, translate=False)
+    assert torch.equal(idx, torch.cdist(res.model.latent(rows), keys).argsort(1)[:, :4])
     with pytest.raises(SpecError, match="metric"):
         translated_neighbours(res.model, rows, pool, metric="manhattan")
 
@@ -243,7 +245,7 @@ def test_cdanet_end_to_end_on_ray(tiny_data, ray_local, tmp_path):
 
     table, summary = probe(cfg, k=3, rows=10, pool=2000, columns=["user_id", "item_id"])
     assert len(table) == 30 and list(table["rank"][:3]) == [1, 2, 3]
-    assert {"target.item_id", "source.item_id", "distance"} <= set(table.columns)
+    assert {"target.item_id", "source.item_id", "distance", "pool_row"} <= set(table.columns)
     assert set(summary["column"]) == {"user_id", "item_id"} and summary["chance"].between(0, 1).all()
     with pytest.raises(SpecError, match="not in the Parquet"):
         probe(cfg, columns=["no_such_column"])

@@ -155,13 +155,15 @@ def carried_over(domain: str) -> tuple[str, ...]:
 
 
 @torch.no_grad()
-def translated_neighbours(model: CDAnetModel, rows: Batch, pool: Batch, k: int = 5,
-                          metric: str = "euclidean") -> tuple[torch.Tensor, torch.Tensor]:
+def translated_neighbours(model: CDAnetModel, rows: Batch, pool: Batch, k: int = 5, metric: str = "euclidean",
+                          translate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The semantics probe of §5.3: each row of ``rows`` (one domain) is translated into the other
     domain's latent space (``W_p z_p``) and its ``k`` nearest rows of ``pool`` (the other domain,
-    by their own ``z``) are found. Returns (indices [N, k] into ``pool``, distances [N, k])."""
+    by their own ``z``) are found. Returns (indices [N, k] into ``pool``, distances [N, k]).
+    ``translate=False`` searches with ``z_p`` itself (the control: what the translator adds)."""
     model.eval()
-    query = model.translate(model.latent(rows), rows.domain)
+    query = model.latent(rows)
+    query = model.translate(query, rows.domain) if translate else query
     keys = model.latent(pool)
     if metric == "centered":  # cosine after removing each set's mean (latents share a large common offset)
         query, keys, metric = query - query.mean(0), keys - keys.mean(0), "cosine"
