@@ -71,11 +71,15 @@ class CDAnetModel(nn.Module):
         w = self.translators[domain].weight
         return ((self.translate(z, domain) @ w - z) ** 2).sum(-1)
 
+    def predict(self, z: torch.Tensor, domain: str) -> torch.Tensor:
+        """The logit: ``R_p^aug(z_p ⊕ W_p z_p)`` (eqs. 10, 11) in the augmentation network,
+        ``R_p(z_p)`` (eq. 8) in the translation network."""
+        if self.augmented is not None:
+            return self.augmented(torch.cat([z, self.translate(z, domain)], -1)).squeeze(-1)
+        return self.towers[domain](z).squeeze(-1)
+
     def forward(self, batch: Batch) -> torch.Tensor:
-        z = self.latent(batch)
-        if self.augmented is not None:  # eq. 10 → R^aug
-            return self.augmented(torch.cat([z, self.translate(z, batch.domain)], -1)).squeeze(-1)
-        return self.towers[batch.domain](z).squeeze(-1)  # R_p(z_p), eq. 8
+        return self.predict(self.latent(batch), batch.domain)
 
 
 class CDAnet(Method):
@@ -129,11 +133,9 @@ class CDAnet(Method):
         out = {k: torch.zeros(()) for k in ("vani", "cross", "orth")}
         for p, batch in batches.items():
             z, y = model.latent(batch), batch.label
-            if model.augmented is not None:
-                out["vani"] = out["vani"] + bce(model.augmented(torch.cat([z, model.translate(z, p)], -1)), y)
-            else:
-                out["vani"] = out["vani"] + bce(model.towers[p](z), y)
-                out["cross"] = out["cross"] + bce(model.towers[other(p)](model.translate(z, p)), y)
+            out["vani"] = out["vani"] + bce(model.predict(z, p), y)
+            if model.augmented is None:  # z'_q = W_p z_p through the other domain's tower (eqs. 5, 6)
+                out["cross"] = out["cross"] + bce(model.towers[other(p)](model.translate(z, p)).squeeze(-1), y)
             out["orth"] = out["orth"] + model.orth(z, p).sum()
         return out
 
@@ -144,7 +146,7 @@ class CDAnet(Method):
 
 def bce(logit: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     """``BCE(σ(logit), y)`` summed over rows (the loop divides by the step's row count)."""
-    return F.binary_cross_entropy_with_logits(logit.squeeze(-1), label, reduction="sum")
+    return F.binary_cross_entropy_with_logits(logit, label, reduction="sum")
 
 
 def carried_over(domain: str) -> tuple[str, ...]:
