@@ -44,6 +44,10 @@ SPACES["cdanet"] = {**SPACES["mmoe"], "method_args.alpha": {"loguniform": [1e-3,
                     "method_args.beta": {"loguniform": [1e-3, 1.0]}}
 
 
+class TuneError(RuntimeError):
+    """A trial failed (its error is chained)."""
+
+
 def to_tune(space: dict[str, Any]) -> dict[str, Any]:
     from ray import tune
 
@@ -91,6 +95,9 @@ def tune_method(cfg: ExperimentConfig, space: dict[str, Any], num_samples: int, 
     for key in space:  # fail before any trial on a key the config does not have
         cfg.with_overrides({key: _sample_value(space[key])})
     CTRDataset.load(cfg.data)
+    # trials run in their own working directories: relative local paths must not reach them
+    cfg = cfg.with_overrides({k: str(Path(v).absolute()) for k, v in (("data", cfg.data), ("storage", cfg.storage))
+                              if "://" not in v})
     # one report per epoch, then the stage's final report (test metrics, artifact): max_t leaves room for it
     scheduler = ASHAScheduler(metric="valid_auc", mode="max", max_t=cfg.train.epochs + 1,
                               grace_period=grace_epochs, time_attr="training_iteration")
@@ -102,9 +109,11 @@ def tune_method(cfg: ExperimentConfig, space: dict[str, Any], num_samples: int, 
         run_config=tune.RunConfig(name=f"tune-{cfg.method}", storage_path=str(Path(out).absolute())),
     )
     grid = tuner.fit()
-    trials = []
+    trials, failed = [], [r for r in grid if r.error is not None]
+    if failed and len(failed) == len(grid):
+        raise TuneError(f"every trial failed; the first: {failed[0].error}") from failed[0].error
     for r in grid:
-        if r.metrics is None:
+        if r.error is not None or not r.metrics or r.metrics.get("valid_auc") is None:
             continue
         trials.append({"valid_auc": r.metrics.get("valid_auc"), "reports": r.metrics.get("training_iteration"),
                        "test_auc": r.metrics.get("test_auc"),
@@ -115,6 +124,8 @@ def tune_method(cfg: ExperimentConfig, space: dict[str, Any], num_samples: int, 
         test = "stopped early" if t["test_auc"] is None else f"{t['test_auc']:.4f}"
         lines.append(f"| {t['valid_auc']:.4f} | {test} | {t['reports']} | " + " | ".join(str(t[k]) for k in space)
                      + " |")
+    if failed:
+        lines.append(f"\n{len(failed)} trial(s) failed, e.g. {failed[0].path}: {failed[0].error}")
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "tune_results.md").write_text("\n".join(lines) + "\n")
     return trials

@@ -1,5 +1,6 @@
 """Ray Tune over config keys with ASHA, and the multi-seed leaderboard."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -29,8 +30,9 @@ def test_space_checks():
         to_tune({"train.lr": {"logunif": [1, 2]}})
 
 
-def test_tune_two_trials_with_asha(tiny_data, ray_local, tmp_path):
-    cfg = base(tiny_data, str(tmp_path / "runs")).with_overrides({"train.epochs": 3})
+def test_tune_two_trials_with_asha(tiny_data, ray_local, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative data and storage paths, as a user gives them (trials run elsewhere)
+    cfg = base(os.path.relpath(tiny_data), "runs").with_overrides({"train.epochs": 3})
     space = {"train.lr": {"grid": [0.001, 0.003]}}  # a grid: exactly these two trials
     trials = tune_method(cfg, space, num_samples=1, max_concurrent=1, out=str(tmp_path / "tune"))
     # both trials report; ASHA may stop the worse one after its first epoch

@@ -29,7 +29,7 @@ from raytrain_ctr.data.encode import Batch
 from raytrain_ctr.layers.experts import PLE, MMoE, PartitionedNorm, StarLinear, expert
 from raytrain_ctr.layers.mlp import MLP
 from raytrain_ctr.methods.base import Method, Stage, StageContext
-from raytrain_ctr.models.backbones import FieldInputs
+from raytrain_ctr.models.backbones import FieldInputs, ModelConfig
 from raytrain_ctr.spec import DomainSpec, SpecError
 
 DOMAINS = ("source", "target")
@@ -41,7 +41,8 @@ class DomainInputs(nn.Module):
     """``h_p = H_p(x_p)`` ∈ R^d (CDAnet eq. 1): a domain's field embeddings and dense features,
     concatenated and mapped linearly to ``d``; one embedding layer per domain unless ``shared``."""
 
-    def __init__(self, specs: dict[str, DomainSpec], domains: list[str], cfg, d: int, shared: bool = False):
+    def __init__(self, specs: dict[str, DomainSpec], domains: list[str], cfg: ModelConfig, d: int,
+                 shared: bool = False):
         super().__init__()
         self.shared = shared
         if shared:
@@ -57,7 +58,7 @@ class DomainInputs(nn.Module):
 
 def tower_depth(args: dict, domain: str) -> int:
     depth = args["tower_depth"]
-    depth = depth[domain] if isinstance(depth, dict) else depth
+    depth = depth.get(domain) if isinstance(depth, dict) else depth
     if not isinstance(depth, int) or depth < 1:
         raise SpecError(f"method_args.tower_depth: {domain}'s tower needs ≥ 1 layer (the logit layer), got {depth}")
     return depth
