@@ -24,7 +24,8 @@ def get_method(name: str, args: dict | None = None) -> Method:
     args = dict(args or {})
     check_keys(args, set(cls.arg_defaults), f"method_args of '{name}'")
     method = cls(**args)
-    method.stages  # noqa: B018 (resolving the stages checks the args' values)
+    if not method.stages:  # resolving the stages also checks the args' values
+        raise SpecError(f"method '{name}' with args {args} has no stages")
     return method
 
 
