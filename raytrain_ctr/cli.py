@@ -119,7 +119,10 @@ def cmd_tune(a: argparse.Namespace) -> None:
     from raytrain_ctr.tune import load_space, tune_method
 
     cfg = experiment(a)
-    init_ray()
+    # Measured on Ray 2.60: every finished trial leaves a 1-CPU placement group reserved until the
+    # sweep ends (2 trials → 2 still CREATED; a TorchTrainer.fit outside Tune releases its own), and
+    # a local Ray with 4 logical CPUs stalled after 3 trials. A local cluster gets room for them.
+    init_ray(extra_cpus=a.samples * (cfg.train.workers + 1))
     trials = tune_method(cfg, load_space(a.space, cfg.method), a.samples, a.max_concurrent, a.out)
     print((Path(a.out) / "tune_results.md").read_text())
     print(f"best: {trials[0] if trials else None}")

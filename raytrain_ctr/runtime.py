@@ -11,14 +11,14 @@ from pathlib import Path
 from typing import Any
 
 
-def init_ray(num_cpus: int | None = None, address: str | None = None) -> None:
+def init_ray(num_cpus: int | None = None, address: str | None = None, extra_cpus: int = 0) -> None:
     """Join the cluster named by ``address``/``RAY_ADDRESS``, or start a local one.
 
     A local Ray gets more logical CPUs than cores (at least 4): training workers hold
     CPUs for their whole run, and Ray Data's read tasks must still be scheduled beside
     them, or the ingest stalls on a small machine. Worker logs reach this terminal only
     with ``RAYTRAIN_CTR_VERBOSE=1`` (failures are raised here either way, with the
-    worker's traceback).
+    worker's traceback). ``extra_cpus`` adds logical CPUs to a local Ray (see ``cmd_tune``).
     """
     import ray
 
@@ -30,7 +30,7 @@ def init_ray(num_cpus: int | None = None, address: str | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=verbose)
         return
-    cpus = num_cpus or max(4, 2 * (os.cpu_count() or 2))
+    cpus = (num_cpus or max(4, 2 * (os.cpu_count() or 2))) + extra_cpus
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=verbose,
              logging_level=logging.INFO if verbose else logging.WARNING)
 
