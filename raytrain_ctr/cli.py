@@ -121,7 +121,7 @@ def cmd_tune(a: argparse.Namespace) -> None:
     cfg = experiment(a)
     # Measured on Ray 2.60: every finished trial leaves a 1-CPU placement group reserved until the
     # sweep ends (2 trials → 2 still CREATED; a TorchTrainer.fit outside Tune releases its own), and
-    # a local Ray with 4 logical CPUs stalled after 3 trials. A local cluster gets room for them.
+    # a local Ray with 4 logical CPUs stalled after 4 trials. A local cluster gets room for them.
     init_ray(extra_cpus=a.samples * (cfg.train.workers + 1))
     trials = tune_method(cfg, load_space(a.space, cfg.method), a.samples, a.max_concurrent, a.out)
     print((Path(a.out) / "tune_results.md").read_text())
