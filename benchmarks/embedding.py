@@ -36,7 +36,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from raytrain_ctr.data.encode import Batch  # noqa: E402
+from raytrain_ctr.batch import Batch  # noqa: E402
 from raytrain_ctr.spec import FieldSpec, TableSpec  # noqa: E402
 
 VARIANTS = ("torchrec row_wise", "torchrec table_wise", "local sparse", "local sparse + DDP", "dense DDP")

@@ -4,7 +4,7 @@
     raytrain-ctr movielens --out DIR [--from PATH] [--split random|time]
     raytrain-ctr validate DIR
     raytrain-ctr ingest DIR [--workers N]          stream a dataset through Train workers
-    raytrain-ctr run --config YAML [--variant V] [--stage S] [--force] [--set KEY=VALUE ...]
+    raytrain-ctr run --config YAML [--variant V] [--stage S] [--force] [--as-of DATE] [--set KEY=VALUE ...]
     raytrain-ctr compare --config YAML --methods M[:k=v,...] ... --seeds 0 1 2 --out DIR
     raytrain-ctr tune --config YAML [--space YAML] --samples N --out DIR
     raytrain-ctr probe --config YAML [--k 5] [--rows 20] [--columns C ...] [--out FILE.csv]
@@ -94,6 +94,8 @@ def cmd_run(a: argparse.Namespace) -> None:
     from raytrain_ctr.runtime import init_ray
 
     cfg = experiment(a)
+    if a.as_of:
+        cfg = cfg.with_overrides({"as_of": a.as_of})
     init_ray()
     results = pipeline.run(cfg, stage=a.stage, force=a.force)
     for name, r in results.items():
@@ -199,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(s)
     s.add_argument("--stage", default=None, help="run only this stage, against the latest upstream artifact")
     s.add_argument("--force", action="store_true", help="re-run stages whose artifacts exist")
+    s.add_argument("--as-of", default=None, metavar="YYYY-MM-DD",
+                   help="the date the stages' time windows and latest-artifact inputs are relative to")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("compare", help="several methods over several seeds → leaderboard")

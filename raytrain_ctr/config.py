@@ -16,12 +16,14 @@ Every key is checked; an unknown one is reported with the nearest valid key.
 from __future__ import annotations
 
 import copy
+import datetime as dt
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from raytrain_ctr.embedding import check_sparse_optimizer
 from raytrain_ctr.models.backbones import ModelConfig
 from raytrain_ctr.spec import SpecError, check_keys
 
@@ -61,6 +63,16 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     storage: str = "runs"
     name: str | None = None
+    as_of: str | None = None  # ISO date the stages' time windows and `latest` inputs are relative to
+
+    def __post_init__(self) -> None:
+        if self.as_of is not None:
+            try:
+                dt.date.fromisoformat(str(self.as_of))
+            except ValueError:
+                raise SpecError(f"as_of: '{self.as_of}' is not a date (YYYY-MM-DD)") from None
+            object.__setattr__(self, "as_of", str(self.as_of))
+        check_sparse_optimizer(self.model.embedding_backend, self.train.sparse_optimizer)
 
     @property
     def run_name(self) -> str:
@@ -105,7 +117,7 @@ def from_dict(raw: dict, where: str = "config") -> ExperimentConfig:
         return ExperimentConfig(
             data=str(raw["data"]), method=raw["method"], method_args=dict(raw.get("method_args") or {}),
             model=ModelConfig(**model), train=TrainConfig(**train),
-            storage=str(raw.get("storage", "runs")), name=raw.get("name"))
+            storage=str(raw.get("storage", "runs")), name=raw.get("name"), as_of=raw.get("as_of"))
     except TypeError as e:
         raise SpecError(f"{where}: {e}") from e
 

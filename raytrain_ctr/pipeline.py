@@ -3,34 +3,40 @@
 Stage artifacts are content-addressed: ``STORAGE/stages/STAGE-KEY/{model.pt,metrics.json}``
 (``plain-KEY`` for plain supervised stages)
 where KEY hashes everything that determines the result (data, domains, model and train
-configs, the method where the stage is not plain supervised training, load/freeze
-rules, and the upstream stage's key). So a stage whose artifacts exist is skipped (a
+configs, the method where the stage is not plain supervised training, freeze rules, time
+windows resolved against the run's ``as_of``, and each input's load rule and upstream artifact).
+So a stage whose artifacts exist is skipped (a
 re-submitted job resumes where it stopped), and Source-only's training is the very
 artifact Fine-Tune, L2-SP and KEEP pre-train from. Inside a stage, Ray Train resumes from
 the last epoch checkpoint (``STORAGE/_ray/STAGE-KEY``). ``STORAGE/RUN/results.json`` maps
-the run's stages to their artifacts. ``stage=NAME`` runs one stage alone against the
-latest upstream artifact (``force`` re-runs a finished stage from scratch).
+the run's stages to their artifacts. ``stage=NAME`` runs one stage alone against its
+upstream artifacts (``force`` re-runs a finished stage from scratch). Finished stages are
+recorded in the artifact catalog (:mod:`raytrain_ctr.catalog`) under their ``as_of`` date, so a
+stage's ``latest`` input finds the newest upstream artifact valid as of its own date.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import logging
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
+from raytrain_ctr.catalog import Catalog
 from raytrain_ctr.config import ExperimentConfig
 from raytrain_ctr.data.dataset import CTRDataset, DataError, join, resolve
-from raytrain_ctr.data.ingest import ExactlyOnceDataConfig, read_split
+from raytrain_ctr.data.ingest import ExactlyOnceDataConfig, TimeWindow, read_split
 from raytrain_ctr.methods import Method, Stage, StageContext, get_method
-from raytrain_ctr.train.loop import METRICS_FILE, MODEL_FILE, dataset_key, stage_train_config, train_stage
+from raytrain_ctr.spec import SpecError
+from raytrain_ctr.train.loop import METRICS_FILE, MODEL_FILE, StageJob, dataset_key, stage_train_config, train_stage
 
 log = logging.getLogger(__name__)
 
@@ -59,18 +65,57 @@ def batch_sizes(dataset: CTRDataset, domains: tuple[str, ...], batch_size: int) 
     return {d: max(1, round(batch_size * r / total)) for d, r in rows.items()}
 
 
-def check_stage_inputs(cfg: ExperimentConfig, dataset: CTRDataset, stage: Stage) -> None:
-    """Fail before starting workers: unknown domains, and the model must build from the specs."""
-    method = get_method(cfg.method, cfg.method_args)
+def check_stage_inputs(cfg: ExperimentConfig, dataset: CTRDataset, method: Method, stage: Stage) -> None:
+    """Fail before starting workers: unknown domains, a time window without a time field or an
+    ``as_of``, inputs naming no earlier stage, and the model must build from the specs."""
     for d in (*stage.train_domains, stage.eval_domain):
         dataset.domain(d)
+    if (stage.window or stage.eval_window) and cfg.as_of is None:
+        raise SpecError(f"stage '{stage.name}' of '{method.name}' reads a time window relative to as_of: set as_of "
+                        f"(raytrain-ctr run --as-of YYYY-MM-DD)")
+    windowed = set(stage.train_domains) if stage.window else set()
+    windowed |= {stage.eval_domain} if stage.eval_window else set()
+    for d in sorted(windowed):
+        if not dataset.domain(d).spec.time:
+            raise SpecError(f"stage '{stage.name}' reads a time window of domain '{d}', whose spec has no time field")
+    earlier = [s.name for s in method.stages[: [s.name for s in method.stages].index(stage.name)]]
+    for name, inp in stage.inputs.items():
+        if inp.stage not in earlier:
+            raise SpecError(f"stage '{stage.name}' of '{method.name}': input '{name}' reads stage '{inp.stage}', "
+                            f"which is not an earlier stage (earlier: {earlier})")
     specs = {d: dataset.domain(d).spec for d in dataset.domains}
     with torch.device("meta"):  # shapes only: no memory for (possibly huge) tables on the driver
-        method.build(StageContext(stage, specs, cfg.model, method.args, None))
+        stage.hooks.build(StageContext(stage, specs, cfg.model, method.args))
 
 
-def stage_keys(cfg: ExperimentConfig, method: Method) -> dict[str, str]:
-    """A key per stage that changes whenever anything that shapes its result changes."""
+@dataclass(frozen=True)
+class Resolved:
+    """A stage's identity: ``key`` (its artifact), ``family`` (the same stage on any date), and the
+    artifact directory each of its inputs reads (None: no catalog entry valid as of the run's date)."""
+
+    key: str
+    family: str
+    inputs: dict[str, str | None]
+
+
+def _digest(obj: object) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def as_of_date(cfg: ExperimentConfig) -> dt.date | None:
+    return dt.date.fromisoformat(cfg.as_of) if cfg.as_of else None
+
+
+def catalog(cfg: ExperimentConfig) -> Catalog:
+    return Catalog(_storage(cfg, "catalog"))
+
+
+def resolve_stages(cfg: ExperimentConfig, method: Method) -> dict[str, Resolved]:
+    """Every stage's key, family and input artifacts. The key changes whenever anything that shapes
+    the stage's result changes: data, domains, model and train configs, the method where the
+    stage is not plain, the freeze rules, the time windows resolved against ``as_of``, and each
+    input's load rule and upstream artifact (``latest`` inputs: the catalog's answer as of the date)."""
+    as_of, cat, out = as_of_date(cfg), catalog(cfg), {}
     keys: dict[str, str] = {}
     for st in method.stages:
         tc = asdict(stage_train_config(cfg, st.overrides))
@@ -79,69 +124,105 @@ def stage_keys(cfg: ExperimentConfig, method: Method) -> dict[str, str]:
         ident = {
             "data": cfg.data if "://" in cfg.data else str(Path(cfg.data).absolute()),
             "method": None if st.plain else [cfg.method, sorted(method.args.items())],
-            "stage": [st.name if not st.plain else None, st.train_domains, st.eval_domain, st.load_include,
-                      st.load_exclude, st.freeze],
+            "stage": [st.name if not st.plain else None, st.train_domains, st.eval_domain, st.freeze],
             "model": asdict(cfg.model), "train": tc,
-            "upstream": keys[st.init_from] if st.init_from else None,
         }
-        keys[st.name] = hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return keys
+        windows = (st.window, st.eval_window)
+        fam_inputs, key_inputs, dirs = {}, {}, {}
+        for name, inp in st.inputs.items():
+            if inp.stage not in out:
+                raise SpecError(f"stage '{st.name}' of '{method.name}': input '{name}' reads stage '{inp.stage}', "
+                                f"which is not an earlier stage")
+            rule = [inp.include, inp.exclude, inp.exclude_modules, inp.strip, inp.into, inp.latest]
+            fam_inputs[name] = [*rule, out[inp.stage].family]
+            if inp.latest:
+                entry = cat.latest(out[inp.stage].family, cfg.as_of)
+                key_inputs[name], dirs[name] = [*rule, entry and entry.artifact], entry and entry.path
+            else:
+                up = method.stage(inp.stage)
+                key_inputs[name], dirs[name] = [*rule, artifact_name(up, keys)], stage_dir(cfg, up, keys)
+        family = _digest({**ident, "windows": [w and asdict(w) for w in windows], "inputs": fam_inputs})
+        resolved = [w and (w.dates(as_of) if as_of else None) for w in windows]
+        key = _digest({**ident, "windows": resolved, "inputs": key_inputs})
+        out[st.name] = Resolved(key, family, dirs)
+        keys[st.name] = key
+    return out
 
 
-def artifact_name(stage: Stage, keys: dict[str, str]) -> str:
+def stage_keys(cfg: ExperimentConfig, method: Method) -> dict[str, str]:
+    """A key per stage (see :func:`resolve_stages`)."""
+    return {name: r.key for name, r in resolve_stages(cfg, method).items()}
+
+
+def artifact_name(stage: Stage, key: str | dict[str, str]) -> str:
     """``STAGE-KEY``; plain stages are named ``plain-KEY`` whichever method declares them."""
-    return f"{'plain' if stage.plain else stage.name}-{keys[stage.name]}"
+    key = key[stage.name] if isinstance(key, dict) else key
+    return f"{'plain' if stage.plain else stage.name}-{key}"
 
 
 def _storage(cfg: ExperimentConfig, *parts: str) -> str:
     return join(cfg.storage, *parts) if "://" in cfg.storage else str(Path(cfg.storage).absolute().joinpath(*parts))
 
 
-def stage_dir(cfg: ExperimentConfig, stage: Stage, keys: dict[str, str]) -> str:
-    """Where a stage's artifact lives: ``STORAGE/stages/STAGE-KEY`` (a local path or a URI)."""
+def stage_dir(cfg: ExperimentConfig, stage: Stage, keys: str | dict[str, str]) -> str:
+    """Where a stage's artifact lives: ``STORAGE/stages/STAGE-KEY`` (a local path or a URI);
+    ``keys``: the stage's key, or every stage's key by name."""
     return _storage(cfg, "stages", artifact_name(stage, keys))
 
 
-def run_stage(cfg: ExperimentConfig, dataset: CTRDataset, stage: Stage, keys: dict[str, str],
+def local_inputs(cfg: ExperimentConfig, stage: Stage, resolved: Resolved) -> dict[str, str]:
+    """A local path of each input's model file (remote ones copied once); errors name the input."""
+    fs, _ = resolve(_storage(cfg))
+    paths: dict[str, str] = {}
+    copies: dict[str, str] = {}
+    for name, directory in resolved.inputs.items():
+        inp = stage.inputs[name]
+        if directory is None:
+            raise PipelineError(f"stage '{stage.name}' of '{cfg.method}': input '{name}' needs the latest artifact of "
+                                f"stage '{inp.stage}' valid as of {cfg.as_of or 'now'}, and the catalog at "
+                                f"{_storage(cfg, 'catalog')} has none; run that stage first")
+        path = join(directory, MODEL_FILE)
+        if not _exists(fs, resolve(path)[1]):
+            raise PipelineError(f"stage '{stage.name}' of '{cfg.method}' needs the artifact of stage '{inp.stage}' "
+                                f"(input '{name}') at {path}; run that stage first")
+        if not isinstance(fs, pafs.LocalFileSystem) and path not in copies:  # workers read a local copy
+            copies[path] = str(Path(tempfile.mkdtemp()) / MODEL_FILE)
+            pafs.copy_files(path, copies[path])
+        paths[name] = copies.get(path, path)
+    return paths
+
+
+def run_stage(cfg: ExperimentConfig, method: Method, dataset: CTRDataset, stage: Stage, resolved: Resolved,
               fresh: bool = False, callbacks: list | None = None) -> dict:
     """One ``TorchTrainer.fit``; resumes the stage's last Ray Train checkpoint unless ``fresh``."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     fs, _ = resolve(_storage(cfg))
-    upstream = None
-    if stage.init_from:
-        method = get_method(cfg.method, cfg.method_args)
-        upstream = join(stage_dir(cfg, method.stage(stage.init_from), keys), MODEL_FILE)
-        if not _exists(fs, resolve(upstream)[1]):
-            raise PipelineError(f"stage '{stage.name}' of '{cfg.method}' needs the artifact of stage "
-                                f"'{stage.init_from}' at {upstream}; run that stage first")
-        if not isinstance(fs, pafs.LocalFileSystem):  # workers read a local copy
-            local = Path(tempfile.mkdtemp()) / MODEL_FILE
-            pafs.copy_files(upstream, str(local))
-            upstream = str(local)
+    inputs = local_inputs(cfg, stage, resolved)
     tc = stage_train_config(cfg, stage.overrides)
     from ray.data import DataContext
 
     DataContext.get_current().execution_options.preserve_order = tc.deterministic
     cache = tc.cache_mb << 20
-    splits = {dataset_key(d, "train"): read_split(dataset, d, "train", shuffle_files=tc.shuffle_buffer > 0,
-                                                  seed=tc.seed, cache_below_bytes=cache)
+    as_of = as_of_date(cfg)
+    train_window, eval_window = (TimeWindow(*w.bounds(as_of)) if w else None for w in (stage.window, stage.eval_window))
+    splits = {dataset_key(d, "train"): read_split(dataset, d, "train", window=train_window,
+                                                  shuffle_files=tc.shuffle_buffer > 0, seed=tc.seed,
+                                                  cache_below_bytes=cache)
               for d in stage.train_domains}
     for split in ("valid", "test"):
         splits[dataset_key(stage.eval_domain, split)] = read_split(dataset, stage.eval_domain, split,
-                                                                   cache_below_bytes=cache)
-    name = artifact_name(stage, keys)
+                                                                   window=eval_window, cache_below_bytes=cache)
+    name = artifact_name(stage, resolved.key)
     storage = _storage(cfg, "_ray")
     run_name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}" if fresh else name
+    job = StageJob(cfg=cfg, method=method, stage=stage, specs={d: dataset.domain(d).spec for d in dataset.domains},
+                   batch_sizes=batch_sizes(dataset, stage.train_domains, tc.batch_size), inputs=inputs,
+                   run_dir=str(Path(storage) / run_name) if "://" not in storage else tempfile.mkdtemp())
     trainer = TorchTrainer(
         train_stage,
-        train_loop_config={
-            "cfg": cfg, "stage": stage.name, "upstream": upstream,
-            "specs": {d: dataset.domain(d).spec for d in dataset.domains},
-            "batch_sizes": batch_sizes(dataset, stage.train_domains, tc.batch_size),
-            "run_dir": str(Path(storage) / run_name) if "://" not in storage else tempfile.mkdtemp(),
-        },
+        train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=tc.workers, use_gpu=False),
         datasets=splits,
         dataset_config=ExactlyOnceDataConfig(),
@@ -152,7 +233,7 @@ def run_stage(cfg: ExperimentConfig, dataset: CTRDataset, stage: Stage, keys: di
     result = trainer.fit()
     if result.checkpoint is None or not (result.metrics or {}).get("final"):
         raise PipelineError(f"stage '{stage.name}' ended without its final report: {result.error}")
-    art = resolve(stage_dir(cfg, stage, keys))[1]
+    art = resolve(stage_dir(cfg, stage, resolved.key))[1]
     fs.create_dir(art, recursive=True)
     with result.checkpoint.as_directory() as d:  # model.pt, metrics.json and the method's own files
         for f in sorted(Path(d).iterdir()):
@@ -165,27 +246,33 @@ def run(cfg: ExperimentConfig, stage: str | None = None, force: bool = False,
         callbacks: list | None = None) -> dict[str, dict]:
     """Run every stage of ``cfg.method``, or only ``stage``; finished stages are skipped unless ``force``.
 
-    ``callbacks`` go to the Ray Train ``RunConfig`` of the stages that run (Tune's report callback).
+    Each finished stage is recorded in the artifact catalog under its ``as_of`` date (and the
+    stage's older artifacts pruned to its ``keep_last``). ``callbacks`` go to the Ray Train
+    ``RunConfig`` of the stages that run (Tune's report callback).
     """
     dataset = CTRDataset.load(cfg.data)
     method = get_method(cfg.method, cfg.method_args)
     stages = method.stages if stage is None else [method.stage(stage)]
     for st in stages:
-        check_stage_inputs(cfg, dataset, st)
-    keys = stage_keys(cfg, method)
+        check_stage_inputs(cfg, dataset, method, st)
     fs, run_dir = resolve(_storage(cfg, cfg.run_name))
     fs.create_dir(run_dir, recursive=True)
     with fs.open_output_stream(join(run_dir, "config.json")) as f:
         f.write(json.dumps(cfg.to_dict(), indent=2, default=str).encode())
-    results = {}
+    results, cat = {}, catalog(cfg)
     for st in stages:
-        art = resolve(stage_dir(cfg, st, keys))[1]
+        resolved = resolve_stages(cfg, method)[st.name]  # after the stages before it: `latest` inputs see them
+        directory = stage_dir(cfg, st, resolved.key)
+        art = resolve(directory)[1]
         if not force and _exists(fs, join(art, METRICS_FILE)) and _exists(fs, join(art, MODEL_FILE)):
             log.info("stage %s: artifacts exist at %s, skipped", st.name, art)
             results[st.name] = {**_read_json(fs, join(art, METRICS_FILE)), "skipped": True}
         else:
-            results[st.name] = run_stage(cfg, dataset, st, keys, fresh=force, callbacks=callbacks)
+            results[st.name] = run_stage(cfg, method, dataset, st, resolved, fresh=force, callbacks=callbacks)
         results[st.name]["artifact"] = art
+        cat.record(resolved.family, artifact_name(st, resolved.key), directory, cfg.as_of)
+        if st.keep_last:
+            cat.prune(resolved.family, st.keep_last)
     if not results:
         raise DataError(f"method '{cfg.method}' has no stages")
     with fs.open_output_stream(join(run_dir, "results.json")) as f:

@@ -75,7 +75,7 @@ def probe(cfg: ExperimentConfig, k: int = 5, rows: int = 20, pool: int = 20_000,
                                      f"--stage translation` with the same config first")
     ds = CTRDataset.load(cfg.data)
     specs = {d: ds.domain(d).spec for d in ds.domains}
-    model = method.build(StageContext(stage, specs, replace(cfg.model, embedding_backend="local"), method.args))
+    model = stage.hooks.build(StageContext(stage, specs, replace(cfg.model, embedding_backend="local"), method.args))
     with fs.open_input_file(path) as f:
         model.load_state_dict(torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True))
     p = method.served

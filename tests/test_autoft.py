@@ -48,7 +48,7 @@ def test_routing_is_hard_and_gradients_reach_every_policy(setup):
     batch = setup[2].select(slice(0, 64))
     # both copies start equal, so a decision between them has no gradient until the fine copy moves
     opts = make_optimizers(model, TrainConfig(sparse_lr=0.01))
-    train_step(m, model, ctx, {"target": setup[1].select(slice(0, 512))}, opts, GradientSync(model))
+    train_step(model, ctx, {"target": setup[1].select(slice(0, 512))}, opts, GradientSync(model))
     for opt in opts:
         opt.zero_grad(set_to_none=True)
     decisions = {}
@@ -115,7 +115,7 @@ def test_spottune_is_the_layer_wise_policies_only(setup):
 def test_policy_report_and_figure(setup):
     m, model, ctx = stage_model(setup)
     valid = setup[2]
-    evaluate(m, model, ctx, [valid.select(slice(0, 500)), valid.select(slice(500, 900))], with_users=False)
+    evaluate(model, ctx, [valid.select(slice(0, 500)), valid.select(slice(500, 900))], with_users=False)
     report = policy_report(model)
     assert report["instances"] == 900
     assert set(report["pretrained_share"]) == set(POLICIES)

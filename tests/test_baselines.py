@@ -47,7 +47,7 @@ def test_l2sp_penalty_touches_only_the_batch_rows(tiny_data, tmp_path):
         for e in model.embedding.tables.values():
             e.weight.add_(0.1)  # move away from the reference so the penalty has a gradient
     batch = load(ds, "target", "valid").select(slice(0, 16))
-    m.penalty(model, {"target": batch}, ctx).backward()
+    ctx.stage.hooks.penalty(model, {"target": batch}, ctx).backward()
     grad = model.embedding.tables["item"].weight.grad
     assert grad.is_sparse
     touched = set(grad.coalesce().indices()[0].tolist())

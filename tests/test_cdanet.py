@@ -57,9 +57,9 @@ def test_every_model_runs_on_heterogeneous_specs(data, name, args):
         assert "tgt_position" in model.inputs.fields["target"].pooled_names
     opts = make_optimizers(model, TrainConfig(sparse_lr=0.01))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    train_step(m, model, ctx, batches, opts, GradientSync(model))
+    train_step(model, ctx, batches, opts, GradientSync(model))
     for b in batches.values():
-        logit = m.logits(model, b, ctx)
+        logit = ctx.stage.hooks.logits(model, b, ctx)
         assert logit.shape == (len(b),) and torch.isfinite(logit).all()
     moved = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     # one step on mixed batches moves both domains' field-specific tables
@@ -115,7 +115,7 @@ def test_augmentation_loads_exactly_the_named_parts_and_reinitialises_the_tower(
     m, trans, ctx = build(specs, "cdanet", {})
     opts = make_optimizers(trans, TrainConfig(sparse_lr=0.05, lr=0.01))
     for _ in range(3):
-        train_step(m, trans, ctx, batches, opts, GradientSync(trans))
+        train_step(trans, ctx, batches, opts, GradientSync(trans))
     upstream = trans.state_dict()
     torch.save(upstream, tmp_path / "model.pt")
 
@@ -155,13 +155,15 @@ def test_each_ablation_switch_changes_exactly_its_part(data):
     assert changed and all(k.startswith("extractor.") for k in changed)
     assert type(wo_mmoe.extractor).__name__ == "Bottom" and type(base.extractor).__name__ == "MMoE"
 
-    terms = m0.terms(base, batches)
+    hooks = m0.stage("translation").hooks
+    terms = hooks.terms(base, batches)
     assert all(float(t.detach()) > 0 for t in terms.values())
-    total = m0.loss(base, batches, None)
+    total = hooks.loss(base, batches, None)
     for switch, term, weight in (("orth", "orth", SMALL.get("beta", 0.1)), ("cross", "cross", 0.01)):
         m = get_method("cdanet", {**SMALL, switch: False})
-        assert torch.equal(m.terms(base, batches)[term], terms[term])  # the term itself is unchanged ...
-        dropped = total - m.loss(base, batches, None)  # ... only its weight is 0
+        switched = m.stage("translation").hooks
+        assert torch.equal(switched.terms(base, batches)[term], terms[term])  # the term itself is unchanged ...
+        dropped = total - switched.loss(base, batches, None)  # ... only its weight is 0
         assert torch.allclose(dropped, weight * terms[term], rtol=1e-5)
         assert [s.name for s in m.stages] == [s.name for s in m0.stages]
 
@@ -233,7 +235,7 @@ def test_cdanet_end_to_end_on_ray(tiny_data, ray_local, tmp_path):
     m = get_method("cdanet", SMALL)
     st = m.stage("augmentation")
     specs = {d: CTRDataset.load(tiny_data).domain(d).spec for d in ("source", "target")}
-    model = m.build(StageContext(st, specs, MCFG, m.args))
+    model = st.hooks.build(StageContext(st, specs, MCFG, m.args))
     model.load_state_dict(torch.load(f"{res['augmentation']['artifact']}/model.pt"))
     model.eval()
     from raytrain_ctr.train.metrics import summarize

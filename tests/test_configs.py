@@ -17,8 +17,9 @@ JOBS = sorted(p for p in CONFIGS.glob("*.yaml") if not p.stem.endswith("_space")
 
 
 def check(cfg, ds: CTRDataset) -> None:
-    for st in get_method(cfg.method, cfg.method_args).stages:
-        pipeline.check_stage_inputs(cfg, ds, st)
+    method = get_method(cfg.method, cfg.method_args)
+    for st in method.stages:
+        pipeline.check_stage_inputs(cfg, ds, method, st)
 
 
 @pytest.mark.parametrize("path", JOBS, ids=lambda p: p.stem)

@@ -71,13 +71,13 @@ def worker(config: dict) -> None:
             logits = model(mine)
         shards = model.embedding.local_shards()
         opts = make_optimizers(model, TC)
-        train_step(method, model, ctx, {"target": mine}, opts, GradientSync(model))
+        train_step(model, ctx, {"target": mine}, opts, GradientSync(model))
         state = unsharded_state(model)
         torch.save({"logits": logits, "shards": shards}, out / f"{kind}-rank{rank}.pt")
         if rank == 0:
             torch.save({"tables": state}, out / f"{kind}.pt")
     model, ctx = sharded(specs, method, init, "row_wise", world)  # Adagrad: its state is checkpointed
-    train_step(method, model, ctx, {"target": mine}, make_optimizers(model, ADAGRAD), GradientSync(model))
+    train_step(model, ctx, {"target": mine}, make_optimizers(model, ADAGRAD), GradientSync(model))
     state, opt = unsharded_state(model), model.embedding.unsharded_optimizer_state()
     if rank == 0:
         torch.save({"tables": state, "opt": opt}, out / "adagrad.pt")
@@ -88,7 +88,7 @@ def worker(config: dict) -> None:
     if rank == 0:
         torch.save({"tables": state, "opt": opt}, out / "restored-column_wise.pt")
     model, ctx = sharded(specs, method, init, "row_wise", world, frozen=("embedding.tables.user.*",))
-    train_step(method, model, ctx, {"target": mine}, make_optimizers(model, ADAGRAD), GradientSync(model))
+    train_step(model, ctx, {"target": mine}, make_optimizers(model, ADAGRAD), GradientSync(model))
     state, opt = unsharded_state(model), model.embedding.unsharded_optimizer_state()
     if rank == 0:
         torch.save({"tables": state, "opt": opt}, out / "frozen.pt")
@@ -117,11 +117,11 @@ def runs(tiny_data, ray_local, tmp_path_factory):
     with torch.no_grad():
         logits = [reference(p) for p in parts]
     union = {"target": batch.select(slice(0, ROWS[-1][1]))}
-    train_step(method, reference, ctx, union, make_optimizers(reference, TC), GradientSync(reference))
+    train_step(reference, ctx, union, make_optimizers(reference, TC), GradientSync(reference))
     after = {k: v.clone() for k, v in reference.state_dict().items()}
     reference.load_state_dict(init)
     adagrad = make_optimizers(reference, ADAGRAD)
-    train_step(method, reference, ctx, union, adagrad, GradientSync(reference))
+    train_step(reference, ctx, union, adagrad, GradientSync(reference))
     sums = {name: adagrad[0].state[p]["sum"] for name, p in reference.named_parameters() if p in adagrad[0].state}
     return out, init, logits, after, specs, sums
 
@@ -230,7 +230,7 @@ def test_pipeline_on_torchrec_resumes_and_exports_unsharded(tiny_data, ray_local
 
 def test_l2sp_refuses_the_torchrec_backend(tiny_data, tmp_path):
     cfg = from_dict({"data": tiny_data, "method": "l2sp", "storage": str(tmp_path),
-                     "model": {"embedding_backend": "torchrec"}})
+                     "model": {"embedding_backend": "torchrec"}, "train": {"sparse_optimizer": "adagrad"}})
     method = get_method("l2sp")
     specs = {d: CTRDataset.load(tiny_data).domain(d).spec for d in ("source", "target")}
     with pytest.raises(SpecError, match="l2sp.*model.embedding_backend: local"):

@@ -28,7 +28,7 @@ def steps(data: str, rank: int, world: int, n_steps: int = 3) -> dict:
     sync = GradientSync(model)
     for s in range(n_steps):
         part = batch.select(slice(s * 128 + rank * 128 // world, s * 128 + (rank + 1) * 128 // world))
-        train_step(m, model, ctx, {"target": part} if len(part) else {}, opts, sync)
+        train_step(model, ctx, {"target": part} if len(part) else {}, opts, sync)
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 

@@ -1,4 +1,5 @@
-"""The embedding interface (DESIGN §5) and its two backends, chosen by ``model.embedding_backend``.
+"""The embedding interface (DESIGN §5, :class:`~raytrain_ctr.embedding.base.Embedding`) and its two
+backends, chosen by ``model.embedding_backend``.
 
 * ``local``: :class:`~raytrain_ctr.embedding.collection.EmbeddingCollection`, one
   ``nn.Embedding`` per table with sparse gradients, replicated on every worker.
@@ -16,26 +17,42 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from raytrain_ctr.embedding.base import Embedding
 from raytrain_ctr.embedding.collection import EmbeddingCollection, fields_of
+from raytrain_ctr.embedding.sharded import ShardedEmbeddingCollection
 from raytrain_ctr.spec import FieldSpec, SpecError, TableSpec
 
-BACKENDS = ("local", "torchrec")
+BACKENDS: dict[str, type[Embedding]] = {"local": EmbeddingCollection, "torchrec": ShardedEmbeddingCollection}
 
 
-def make_embedding(tables: dict[str, TableSpec], fields: list[FieldSpec], backend: str = "local") -> nn.Module:
-    if backend == "local":
-        return EmbeddingCollection(tables, fields)
-    if backend == "torchrec":
-        from raytrain_ctr.embedding.sharded import ShardedEmbeddingCollection
-
-        return ShardedEmbeddingCollection(tables, fields)
-    raise SpecError(f"model.embedding_backend: unknown backend '{backend}' (one of {list(BACKENDS)})")
+def backend(name: str) -> type[Embedding]:
+    if name not in BACKENDS:
+        raise SpecError(f"model.embedding_backend: unknown backend '{name}' (one of {list(BACKENDS)})")
+    return BACKENDS[name]
 
 
-def sharded_collections(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``(name, collection)`` for every torchrec collection of ``model``, sharded or not yet."""
+def make_embedding(tables: dict[str, TableSpec], fields: list[FieldSpec], backend_name: str = "local") -> Embedding:
+    return backend(backend_name)(tables, fields)
+
+
+def check_sparse_optimizer(backend_name: str, optimizer: str, gpu: bool = False) -> None:
+    """On the driver: ``train.sparse_optimizer`` must be one the backend offers (on this device kind)."""
+    cls = backend(backend_name)
+    if optimizer in cls.optimizers or (gpu and optimizer in cls.gpu_optimizers):
+        return
+    if optimizer in cls.gpu_optimizers:
+        raise SpecError(f"train.sparse_optimizer: '{optimizer}' runs on GPUs only under the {backend_name} embedding "
+                        f"backend; on CPU use one of {list(cls.optimizers)}")
+    others = [b for b, c in BACKENDS.items() if optimizer in c.optimizers]
+    hint = f"; it needs model.embedding_backend: {others[0]}" if others else ""
+    raise SpecError(f"train.sparse_optimizer: '{optimizer}' is not offered by the {backend_name} embedding backend "
+                    f"(it offers {list(cls.optimizers)}){hint}")
+
+
+def sharded_collections(model: nn.Module) -> Iterator[tuple[str, Embedding]]:
+    """``(name, collection)`` for every collection of ``model`` whose optimizer is fused once sharded."""
     for name, m in model.named_modules():
-        if getattr(m, "fused_optimizer_backend", False):
+        if isinstance(m, Embedding) and m.fuses_optimizer:
             yield name, m
 
 
@@ -51,8 +68,8 @@ def is_sharded(model: nn.Module) -> bool:
 
 def shard_model(model: nn.Module, world_size: int, sharding: dict[str, str], row_wise_from_rows: int,
                 optimizer: str, lr: float, eps: float = 1e-8, device: torch.device | None = None) -> nn.Module:
-    """Shard every torchrec collection of ``model`` across the workers (in place); ``sharding``
-    names tables of any of them (KEEP's plug-in holds only the id tables)."""
+    """Shard every collection of ``model`` across the workers (in place); ``sharding`` names tables
+    of any of them (KEEP's plug-in holds only the id tables)."""
     collections = [c for _, c in sharded_collections(model)]
     tables = {t for c in collections for t in c.table_names}
     unknown = sorted(set(sharding) - tables)
@@ -76,5 +93,6 @@ def unsharded_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-__all__ = ["BACKENDS", "EmbeddingCollection", "fields_of", "is_sharded", "make_embedding", "shard_model",
-           "sharded_collections", "sharded_parameter_ids", "unsharded_state"]
+__all__ = ["BACKENDS", "Embedding", "EmbeddingCollection", "ShardedEmbeddingCollection", "check_sparse_optimizer",
+           "fields_of", "is_sharded", "make_embedding", "shard_model", "sharded_collections",
+           "sharded_parameter_ids", "unsharded_state"]

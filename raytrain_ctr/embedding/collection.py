@@ -1,19 +1,7 @@
-"""The one embedding interface every model uses (DESIGN §5).
-
-An :class:`EmbeddingCollection` is built from tables and the sparse fields that read
-them (several fields may share one table: ``item_id`` and ``hist_items``). It answers
-by field name:
-
-* ``pooled(batch)`` → ``{field: [B, dim]}`` for categorical fields and pooled sequences
-  (masked mean or sum; AutoFT eq. 3);
-* ``sequence(batch, field)`` → ``([B, L, dim], mask [B, L])`` for attention.
-
-A field absent from a batch (a field of the other domain) reads as zeros, so one model
-serves domains with different schemas. Row 0 of every table is the padding/OOV row
-(``padding_idx=0``: always zero, never updated).
-
-This module is the ``local`` backend: one ``nn.Embedding`` per table with sparse
-gradients (updated by a sparse optimizer, synchronised across workers sparsely).
+"""The ``local`` backend of the embedding interface (:class:`~raytrain_ctr.embedding.base.Embedding`):
+one ``nn.Embedding`` per table with sparse gradients, replicated on every worker (updated by a
+sparse optimizer, synchronised across workers sparsely). ``padding_idx=0``: row 0 reads as
+zeros and is never updated. Pooled sequences are masked means or sums (AutoFT eq. 3).
 """
 
 from __future__ import annotations
@@ -23,7 +11,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from raytrain_ctr.data.encode import Batch
+from raytrain_ctr.batch import Batch
+from raytrain_ctr.embedding.base import Embedding
 from raytrain_ctr.spec import DomainSpec, FieldSpec, TableSpec, merge_tables
 
 
@@ -39,14 +28,14 @@ def fields_of(specs: Iterable[DomainSpec]) -> list[FieldSpec]:
     return list(seen.values())
 
 
-class EmbeddingCollection(nn.Module):
+class EmbeddingCollection(Embedding):
     """Embedding tables and the fields that read them (local backend)."""
+
+    optimizers = ("adam", "adagrad", "sgd")
 
     def __init__(self, tables: dict[str, TableSpec], fields: list[FieldSpec], sparse: bool = True,
                  init_std: float = 0.01):
-        super().__init__()
-        self.table_specs = dict(tables)
-        self.fields = list(fields)
+        super().__init__(tables, fields)
         used = {f.table for f in fields}
         self.tables = nn.ModuleDict({
             name: nn.Embedding(t.num_embeddings, t.dim, padding_idx=0, sparse=sparse)
@@ -61,40 +50,18 @@ class EmbeddingCollection(nn.Module):
     def from_specs(cls, specs: list[DomainSpec], **kw) -> EmbeddingCollection:
         return cls(merge_tables(specs), fields_of(specs), **kw)
 
-    @property
-    def pooled_fields(self) -> list[FieldSpec]:
-        return [f for f in self.fields if f.type == "categorical" or f.pooling != "none"]
-
-    def dim(self, field: str) -> int:
-        return self.table_specs[self._field(field).table].dim
-
-    def _field(self, name: str) -> FieldSpec:
-        for f in self.fields:
-            if f.name == name:
-                return f
-        raise KeyError(name)
-
-    def sequence(self, batch: Batch, field: str) -> tuple[torch.Tensor, torch.Tensor]:
-        f = self._field(field)
-        ids = batch.sparse.get(field)
-        if ids is None:
-            ids = torch.zeros(len(batch), f.max_len, dtype=torch.long, device=batch.label.device)
-        return self.tables[f.table](ids), ids > 0
-
-    def pooled(self, batch: Batch) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         out = {}
-        for f in self.pooled_fields:
+        for f in self.fields:
             ids = batch.sparse.get(f.name)
             table = self.tables[f.table]
             if ids is None:
-                out[f.name] = table.weight.new_zeros(len(batch), table.embedding_dim)
-            elif ids.dim() == 1:
+                shape = (len(batch), f.max_len) if f in self.sequence_fields else (len(batch),)
+                out[f.name] = table.weight.new_zeros(*shape, table.embedding_dim)
+            elif ids.dim() == 1 or f.pooling == "none":
                 out[f.name] = table(ids)
             else:
                 emb, mask = table(ids), (ids > 0).unsqueeze(-1).to(table.weight.dtype)
                 total = (emb * mask).sum(1)
                 out[f.name] = total / mask.sum(1).clamp(min=1.0) if f.pooling == "mean" else total
         return out
-
-    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        return self.pooled(batch)

@@ -29,9 +29,9 @@ from __future__ import annotations
 import zlib
 
 import torch
-from torch import nn
 
-from raytrain_ctr.data.encode import Batch
+from raytrain_ctr.batch import Batch
+from raytrain_ctr.embedding.base import Embedding
 from raytrain_ctr.spec import FieldSpec, SpecError, TableSpec
 
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "data_parallel")
@@ -50,29 +50,38 @@ def _torchrec():
 
 
 def table_pooling(table: str, fields: list[FieldSpec]) -> str:
-    """TorchRec pools per table: one mode for every field of the table (a categorical field
-    pools one id, where sum and mean agree)."""
-    modes = {f.pooling for f in fields if f.type == "sequence"}
+    """TorchRec pools per table: one mode for every pooled field of the table (a categorical field,
+    like each position of an unpooled sequence, pools one id, where sum and mean agree)."""
+    modes = {f.pooling for f in fields if f.type == "sequence" and f.pooling != "none"}
     if len(modes) > 1:
         raise SpecError(f"table '{table}': its sequence fields pool by {sorted(modes)}; the torchrec backend "
                         f"needs one pooling per table (give the fields separate tables)")
-    if "none" in modes:
-        raise SpecError(f"table '{table}': unpooled sequence fields (pooling: none) are not supported by the "
-                        f"torchrec backend; use embedding_backend: local")
     return modes.pop() if modes else "sum"
 
 
-class ShardedEmbeddingCollection(nn.Module):
-    """Embedding tables and the fields that read them, shardable across workers (torchrec backend)."""
+def position(field: str, i: int) -> str:
+    """The feature of position ``i`` of an unpooled sequence field (one id per row)."""
+    return f"{field}@{i}"
 
-    fused_optimizer_backend = True  # once sharded, its tables are updated inside backward
+
+class ShardedEmbeddingCollection(Embedding):
+    """Embedding tables and the fields that read them, shardable across workers (torchrec backend).
+
+    An unpooled sequence field (``pooling: none``) is fed as ``max_len`` features of one id each,
+    one per position, so a single lookup (one collective, one fused update per step) serves pooled
+    and unpooled fields of the same table alike.
+    """
+
+    optimizers = ("adagrad", "rowwise_adagrad")
+    gpu_optimizers = ("adam",)
+    fuses_optimizer = True  # once sharded, its tables are updated inside backward
 
     def __init__(self, tables: dict[str, TableSpec], fields: list[FieldSpec], init_std: float = 0.01):
-        super().__init__()
+        super().__init__(tables, fields)
         trec = _torchrec()
-        self.table_specs = dict(tables)
-        self.fields = list(fields)
-        self.features = [f.name for f in self.fields]
+        # (feature, field, position): one feature per pooled field, one per position of an unpooled one
+        self.features = [(position(f.name, i), f.name, i) for f in self.fields if f in self.sequence_fields
+                         for i in range(f.max_len)] + [(f.name, f.name, None) for f in self.pooled_fields]
         self.plan: dict[str, tuple[str, int | None]] | None = None
         self._device = torch.device("cpu")
         self.frozen = False  # every table frozen: forward without autograd (set by ``shard``)
@@ -82,20 +91,14 @@ class ShardedEmbeddingCollection(nn.Module):
         for f in self.fields:
             by_table.setdefault(f.table, []).append(f)
         self.table_names = list(by_table)  # the tables its fields read
+        names = {t: [feat for feat, field, _ in self.features if self.field(field).table == t] for t in by_table}
         pooling = {"sum": trec.PoolingType.SUM, "mean": trec.PoolingType.MEAN}
         self.ebc = trec.EmbeddingBagCollection(tables=[
             trec.EmbeddingBagConfig(name=t, embedding_dim=tables[t].dim, num_embeddings=tables[t].num_embeddings,
-                                    feature_names=[f.name for f in fs], pooling=pooling[table_pooling(t, fs)])
+                                    feature_names=names[t], pooling=pooling[table_pooling(t, fs)])
             for t, fs in by_table.items()], device=torch.device("meta"))
         self._register_state_dict_hook(_to_local_names)
         self._register_load_state_dict_pre_hook(_from_local_names, with_module=True)
-
-    @property
-    def pooled_fields(self) -> list[FieldSpec]:
-        return self.fields
-
-    def dim(self, field: str) -> int:
-        return self.table_specs[next(f.table for f in self.fields if f.name == field)].dim
 
     @property
     def is_sharded(self) -> bool:
@@ -107,21 +110,22 @@ class ShardedEmbeddingCollection(nn.Module):
         trec = _torchrec()
         values, lengths = [], []
         n = max(rows or len(batch), len(batch))
-        for name in self.features:
+        for _, name, i in self.features:
             ids = batch.sparse.get(name)
             if ids is None:
                 values.append(torch.zeros(0, dtype=torch.long))
                 lengths.append(torch.zeros(n, dtype=torch.long))
                 continue
-            ids = (ids if ids.dim() == 2 else ids.unsqueeze(1)).cpu()
+            ids = (ids[:, i: i + 1] if i is not None else ids if ids.dim() == 2 else ids.unsqueeze(1)).cpu()
             if len(ids) < n:  # padding rows: no ids
                 ids = torch.cat([ids, ids.new_zeros(n - len(ids), ids.shape[1])])
             keep = ids > 0
             values.append(ids[keep])
             lengths.append(keep.sum(1))
-        return trec.KeyedJaggedTensor(keys=self.features, values=torch.cat(values), lengths=torch.cat(lengths))
+        return trec.KeyedJaggedTensor(keys=[f for f, _, _ in self.features], values=torch.cat(values),
+                                      lengths=torch.cat(lengths))
 
-    def pooled(self, batch: Batch) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         if not self.is_sharded:
             raise RuntimeError("a torchrec collection reads its tables once sharded: call shard() first "
                                "(the stage loop does, in every Ray Train worker)")
@@ -129,13 +133,11 @@ class ShardedEmbeddingCollection(nn.Module):
         kjt = self.kjt(batch, self._common_rows(len(batch))).to(self._device)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             out = self.ebc(kjt).to_dict()
-        return {name: out[name][: len(batch)].to(device) for name in self.features}
-
-    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        return self.pooled(batch)
-
-    def sequence(self, batch: Batch, field: str) -> tuple[torch.Tensor, torch.Tensor]:
-        raise SpecError(f"field '{field}': unpooled sequences are not supported by the torchrec backend")
+        rows = {feat: out[feat][: len(batch)].to(device) for feat, _, _ in self.features}
+        pooled = {f.name: rows[f.name] for f in self.pooled_fields}
+        unpooled = {f.name: torch.stack([rows[position(f.name, i)] for i in range(f.max_len)], 1)
+                    for f in self.sequence_fields}
+        return {**pooled, **unpooled}
 
     def _common_rows(self, n: int) -> int:
         """Once sharded, every worker feeds the step's largest batch (at least one row): gloo's

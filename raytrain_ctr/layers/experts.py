@@ -3,6 +3,7 @@
 A sample belongs to one domain; each layer takes the domain's name and routes through
 that domain's gate, experts or weights.
 
+* :class:`Bottom`: one MLP for every domain (Share-Bottom; CDAnet's 'w/o MMoE').
 * :class:`MMoE` (Ma et al. 2018; CDAnet eqs. 2–4): K shared experts, one softmax gate per
   domain, ``z = Σ_i g^i f^i``.
 * :class:`PLE` (Tang et al. 2020): per level, shared experts and domain-specific experts;
@@ -25,6 +26,17 @@ from raytrain_ctr.layers.mlp import MLP
 def expert(in_dim: int, out_dim: int, depth: int, dropout: float = 0.0) -> MLP:
     """An expert: a ``depth``-layer non-linear MLP ``R^in → R^out`` (CDAnet §4.2.2)."""
     return MLP(in_dim, [out_dim] * depth, dropout=dropout)
+
+
+class Bottom(nn.Module):
+    """A shared MLP (Share-Bottom; CDAnet's 'w/o MMoE' extractor): the same for every domain."""
+
+    def __init__(self, d: int, depth: int, dropout: float = 0.0):
+        super().__init__()
+        self.mlp = expert(d, d, depth, dropout)
+
+    def forward(self, h: torch.Tensor, domain: str) -> torch.Tensor:
+        return self.mlp(h)
 
 
 class MMoE(nn.Module):

@@ -38,3 +38,8 @@ class DeepLayer(nn.Module):
 
     def forward(self, h):
         return self.dropout(self.act(self.linear(h)))
+
+
+def tower(in_dim: int, width: int, depth: int, dropout: float = 0.0) -> MLP:
+    """A prediction tower ``R``: ``depth`` layers, the last one the logit mapping."""
+    return MLP(in_dim, [width] * (depth - 1), out_dim=1, dropout=dropout)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 
 from raytrain_ctr.methods.autoft import AutoFT, SpotTune
-from raytrain_ctr.methods.base import Method, Stage, StageContext
+from raytrain_ctr.methods.base import Input, Method, Stage, StageContext, StageHooks, Window, bce
 from raytrain_ctr.methods.baselines import KEEP, L2SP, All, FineTune, SourceOnly, TargetOnly
 from raytrain_ctr.methods.cdanet import CDAnet
 from raytrain_ctr.methods.joint import STAR, MMoENet, PLENet, ShareBottom
@@ -29,4 +29,4 @@ def get_method(name: str, args: dict | None = None) -> Method:
     return method
 
 
-__all__ = ["METHODS", "Method", "Stage", "StageContext", "get_method"]
+__all__ = ["METHODS", "Input", "Method", "Stage", "StageContext", "StageHooks", "Window", "bce", "get_method"]

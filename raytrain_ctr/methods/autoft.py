@@ -13,9 +13,9 @@ networks (eq. 9) decide, per instance,
 
 The decisions are hard 0/1 in the forward pass and carry the Gumbel-softmax relaxation's
 gradient in the backward pass (eqs. 13, 14: straight-through), with temperature τ, optionally
-annealed per step. Inference takes the argmax of the policy logits, without noise. The
-prediction layer is always fine-tuned (§3.2); the loss is eq. 8 (cross-entropy; λ‖W‖² is
-``train.weight_decay``).
+annealed after every step (``after_step``). Inference takes the argmax of the policy logits,
+without noise. The prediction layer is always fine-tuned (§3.2); the loss is eq. 8
+(cross-entropy; λ‖W‖² is ``train.weight_decay``).
 
 SpotTune is the same with the layer-wise policies only (AutoFT §4.2); the ablations of
 AutoFT's Table 4 are ``method_args.policies`` subsets. A component without a policy uses
@@ -35,12 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raytrain_ctr.data.encode import Batch
-from raytrain_ctr.methods.base import Method, Stage, StageContext
+from raytrain_ctr.batch import Batch
+from raytrain_ctr.methods.base import Input, Method, Stage, StageContext, StageHooks
 from raytrain_ctr.methods.baselines import pretrain_stage
 from raytrain_ctr.models.backbones import CTRModel, build_model
 from raytrain_ctr.spec import SpecError
-from raytrain_ctr.train.state import load_filtered
 from raytrain_ctr.train.sync import all_reduce_sum
 
 POLICIES = ("embedding", "cross", "deep")
@@ -101,7 +100,7 @@ class AutoFTModel(nn.Module):
                                 f"'{fine.backbone.cfg.backbone}'")
         self.policy = nn.ModuleDict({name: PolicyNet(fine.in_dim, hidden, sizes[name], output_relu)
                                      for name in policies})
-        self.register_buffer("step", torch.zeros((), dtype=torch.long))  # for τ annealing; resumes with the model
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))  # τ annealing's steps; resumes with the model
         self.routes: dict[str, torch.Tensor] = {}  # evaluation: decisions for the pre-trained copy, summed
         self.routed = 0
 
@@ -135,11 +134,35 @@ class AutoFTModel(nn.Module):
         cross = routed_layers(self.decide("cross", x0), pre.cross, fine.cross)  # eq. 11
         deep = routed_layers(self.decide("deep", x0), pre.deep, fine.deep)  # eq. 12
         v = torch.stack(fields, 1) if len({t.shape[-1] for t in fields}) == 1 else None
-        if self.training:
-            self.step += 1
-        else:
+        if not self.training:
             self.routed += len(batch)
         return fine(x0, v, deep=deep, cross=cross)  # the prediction layer is always fine-tuned
+
+
+class AutoFTHooks(StageHooks):
+    """Stage 2: both copies loaded from the pre-trained model (§3.2), the policies routing them;
+    τ annealed after every step; the policy report after the test split."""
+
+    def __init__(self, policies: tuple[str, ...], hidden: int, tau: float, tau_min: float, anneal_rate: float,
+                 output_relu: bool, title: str):
+        self.policies, self.hidden, self.output_relu, self.title = policies, hidden, output_relu, title
+        self.tau, self.tau_min, self.anneal_rate = tau, tau_min, anneal_rate
+
+    def build(self, ctx: StageContext) -> nn.Module:
+        unknown = [p for p in self.policies if p not in POLICIES]
+        if unknown or not self.policies:
+            raise SpecError(f"method_args.policies: {list(self.policies)} must be a non-empty subset of "
+                            f"{list(POLICIES)}")
+        specs = list(ctx.specs.values())
+        return AutoFTModel(build_model(specs, ctx.model_cfg), build_model(specs, ctx.model_cfg), self.policies,
+                           self.hidden, self.tau, self.tau_min, self.anneal_rate, self.output_relu)
+
+    def after_step(self, model: nn.Module, batches: dict[str, Batch], ctx: StageContext) -> None:
+        model.step += 1  # the temperature of the next step (§3.3's annealing)
+
+    def artifacts(self, model: nn.Module, ctx: StageContext) -> dict[str, Any]:
+        report = policy_report(model)
+        return {"policy.json": report, "policy.png": policy_figure(report, self.title)}
 
 
 class AutoFT(Method):
@@ -150,32 +173,11 @@ class AutoFT(Method):
 
     @property
     def stages(self) -> list[Stage]:
-        return [pretrain_stage(self.args),
-                Stage(self.name, ("target",), init_from="pretrain", load_include=(), freeze=("pre.*",))]
-
-    def build(self, ctx: StageContext) -> nn.Module:
-        if ctx.stage.init_from is None:
-            return super().build(ctx)
-        policies = tuple(self.args["policies"])
-        unknown = [p for p in policies if p not in POLICIES]
-        if unknown or not policies:
-            raise SpecError(f"method_args.policies: {list(policies)} must be a non-empty subset of {list(POLICIES)}")
-        specs = list(ctx.specs.values())
-        return AutoFTModel(build_model(specs, ctx.model_cfg), build_model(specs, ctx.model_cfg), policies,
-                           int(self.args["policy_hidden"]), float(self.args["tau"]), float(self.args["tau_min"]),
-                           float(self.args["anneal_rate"]), bool(self.args["policy_output_relu"]))
-
-    def prepare(self, model: nn.Module, ctx: StageContext) -> None:
-        if ctx.stage.init_from is None:
-            return
-        for copy in (model.pre, model.fine):  # both copies start from the pre-trained model (§3.2)
-            load_filtered(copy, ctx.upstream, source="the pre-trained model")
-
-    def artifacts(self, model: nn.Module, ctx: StageContext) -> dict[str, Any]:
-        if ctx.stage.init_from is None:
-            return {}
-        report = policy_report(model)
-        return {"policy.json": report, "policy.png": policy_figure(report, self.name)}
+        a = self.args
+        hooks = AutoFTHooks(tuple(a["policies"]), int(a["policy_hidden"]), float(a["tau"]), float(a["tau_min"]),
+                            float(a["anneal_rate"]), bool(a["policy_output_relu"]), self.name)
+        both = {"pre": Input("pretrain", into="pre."), "fine": Input("pretrain", into="fine.")}  # §3.2: equal copies
+        return [pretrain_stage(a), Stage(self.name, ("target",), inputs=both, freeze=("pre.*",), hooks=hooks)]
 
 
 class SpotTune(AutoFT):

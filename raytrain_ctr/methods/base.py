@@ -1,16 +1,36 @@
-"""Stages and methods: what a method declares, and what the training loop asks of it.
+"""Stages and methods: what a method declares, and what the training loop asks of each stage.
 
-A :class:`Stage` says which domains it trains on, which it evaluates, what it loads from
-which earlier stage (include/exclude patterns over ``state_dict`` keys), what it freezes,
-and its training budget overrides. A :class:`Method` is an ordered list of stages plus
-the hooks the loop calls: ``build`` (the stage's model), ``prepare`` (after loading and
-freezing), ``logits``, ``loss`` (summed over the step's rows, per domain), ``penalty`` (a
-per-step regulariser, e.g. L2-SP) and ``artifacts`` (extra files after the test split,
-e.g. AutoFT's policy report).
+A :class:`Method` is an ordered list of :class:`Stage` s. A stage says which domains it trains
+on and which it evaluates, its named upstream :class:`Input` s (which stage, which tensors, under
+which prefix of this stage's model), what it freezes, its data :class:`Window` relative to the
+run's ``as_of`` date, its training budget overrides, and its :class:`StageHooks`: the stage's
+whole behaviour, read in one place.
+
+    class FineTune(Method):
+        name = "finetune"
+
+        @property
+        def stages(self):
+            return [Stage("pretrain", ("source",), plain=True),
+                    Stage("finetune", ("target",), inputs={"pretrain": Input("pretrain")},
+                          hooks=L2SPHooks(alpha=1e-3))]
+
+The loop's contract with the hooks: ``build`` the model; the inputs are loaded and the ``freeze``
+patterns applied; ``prepare``; ``param_groups`` declares parameters the main loss never reaches
+(they are updated by ``ctx.update(group, loss)`` only); each step minimises ``loss`` (summed over
+the step's rows, per-row ``weights`` allowed; the loop divides by the step's global row count and
+sums gradients over workers) plus ``penalty``, then calls ``after_step``; ``logits`` serve
+evaluation; after the test split ``artifacts`` adds files, and ``export`` names the module that
+serving loads.
 """
 
 from __future__ import annotations
 
+import calendar
+import datetime as dt
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,9 +38,154 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raytrain_ctr.data.encode import Batch
+from raytrain_ctr.batch import Batch
 from raytrain_ctr.models.backbones import ModelConfig, build_model
 from raytrain_ctr.spec import DomainSpec, SpecError
+from raytrain_ctr.train.step import GroupOptimizer, ParamGroup, without_grad
+
+UNITS = ("day", "week", "month")
+
+
+@dataclass(frozen=True)
+class Input:
+    """Tensors a stage loads from the artifact of an upstream stage.
+
+    ``include``/``exclude`` are globs over the upstream's ``state_dict`` keys; a key loses the
+    prefix ``strip`` and gains ``into`` (MKT's TEM loads a whole MEM under ``mem.``); tensors of
+    this model's modules whose class name matches ``exclude_modules`` stay as built (E-CDCTR's
+    A-CTR re-initialises every ``*BatchNorm*``). ``latest``: the newest artifact of that stage
+    valid as of the run's ``as_of`` date, from the artifact catalog (a daily job reading last
+    week's model), instead of the one this run's own config makes. ``include=()`` loads nothing
+    (the hooks read the state from ``ctx.inputs``).
+    """
+
+    stage: str
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    exclude_modules: tuple[str, ...] = ()
+    strip: str = ""
+    into: str = ""
+    latest: bool = False
+
+
+def add_months(day: dt.date, n: int) -> dt.date:
+    y, m = divmod(day.month - 1 + n, 12)
+    year, month = day.year + y, m + 1
+    return dt.date(year, month, min(day.day, calendar.monthrange(year, month)[1]))
+
+
+@dataclass(frozen=True)
+class Window:
+    """The rows with ``as_of + start·unit <= time < as_of + stop·unit`` (``unit``: day, week or
+    calendar month; midnight UTC). ``Window(-1)`` is the month before ``as_of``,
+    ``Window(-6, -1)`` the five months before that."""
+
+    start: int
+    stop: int = 0
+    unit: str = "month"
+
+    def __post_init__(self) -> None:
+        if self.unit not in UNITS:
+            raise SpecError(f"window unit '{self.unit}' is not one of {list(UNITS)}")
+        if self.stop <= self.start:
+            raise SpecError(f"window [{self.start}, {self.stop}) {self.unit}s is empty")
+
+    def shift(self, day: dt.date, n: int) -> dt.date:
+        if self.unit == "month":
+            return add_months(day, n)
+        return day + dt.timedelta(days=n * (7 if self.unit == "week" else 1))
+
+    def dates(self, as_of: dt.date) -> tuple[dt.date, dt.date]:
+        return self.shift(as_of, self.start), self.shift(as_of, self.stop)
+
+    def bounds(self, as_of: dt.date) -> tuple[int, int]:
+        """``[start, end)`` in unix seconds."""
+        return tuple(int(dt.datetime.combine(d, dt.time(), dt.timezone.utc).timestamp())  # type: ignore[return-value]
+                     for d in self.dates(as_of))
+
+
+def bce(logit: torch.Tensor, label: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``BCE(σ(logit), y)`` summed over rows, each row weighted by ``weight`` if given."""
+    return F.binary_cross_entropy_with_logits(logit, label, weight=weight, reduction="sum")
+
+
+@dataclass
+class StageContext:
+    """What a stage's hooks may read: the stage, its config, the loaded inputs, the step count,
+    and the stage's parameter groups (``update``)."""
+
+    stage: Stage
+    specs: dict[str, DomainSpec]
+    model_cfg: ModelConfig
+    args: dict[str, Any]
+    inputs: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # upstream states by input name
+    step: int = 0  # optimisation steps of this stage so far: the same on every worker; resumes with the stage
+    groups: dict[str, GroupOptimizer] = field(default_factory=dict)
+
+    @property
+    def upstream(self) -> dict[str, torch.Tensor] | None:
+        """The state of the stage's first input (None without one)."""
+        return next(iter(self.inputs.values()), None)
+
+    def update(self, group: str, loss: torch.Tensor) -> None:
+        """One step of parameter group ``group`` on ``loss`` by its own optimizer and sync rule.
+        Every worker calls it at the same step (a collective when the group syncs)."""
+        self.groups[group].step(loss)
+
+    def group_parameter_ids(self) -> set[int]:
+        return {id(p) for g in self.groups.values() for p in g.group.params}
+
+    @contextmanager
+    def main_loss(self) -> Iterator[None]:
+        """The main loss is built with the groups' parameters left out: no gradient reaches them."""
+        with without_grad([p for g in self.groups.values() for p in g.group.params]):
+            yield
+
+
+class StageHooks:
+    """A stage's behaviour. The defaults: one backbone over the fields of every domain (the union
+    of their fields), binary cross-entropy, no penalty, no extra files; serving loads the model."""
+
+    def build(self, ctx: StageContext) -> nn.Module:
+        return build_model(list(ctx.specs.values()), ctx.model_cfg)
+
+    def prepare(self, model: nn.Module, ctx: StageContext) -> None:
+        """Once, after the inputs are loaded and the freeze patterns applied."""
+
+    def param_groups(self, model: nn.Module, ctx: StageContext) -> list[ParamGroup]:
+        """Parameters outside the main loss, each group with its own optimizer and sync rule."""
+        return []
+
+    def logits(self, model: nn.Module, batch: Batch, ctx: StageContext) -> torch.Tensor:
+        return model(batch)
+
+    def weights(self, model: nn.Module, batch: Batch, ctx: StageContext) -> torch.Tensor | None:
+        """Per-row weights of a batch's loss (None: every row 1)."""
+        return None
+
+    def loss(self, model: nn.Module, batches: dict[str, Batch], ctx: StageContext) -> torch.Tensor:
+        """Sum of per-row losses over the step's batches (the loop divides by the global row count)."""
+        total = torch.zeros(())
+        for batch in batches.values():
+            total = total + bce(self.logits(model, batch, ctx), batch.label, self.weights(model, batch, ctx))
+        return total
+
+    def penalty(self, model: nn.Module, batches: dict[str, Batch], ctx: StageContext) -> torch.Tensor | None:
+        """A per-step term added once to the mean loss (None for none)."""
+        return None
+
+    def after_step(self, model: nn.Module, batches: dict[str, Batch], ctx: StageContext) -> None:
+        """After the optimizers stepped (``ctx.step`` counts this step); every worker calls it at
+        every step, with its batches of the step (maybe none)."""
+
+    def artifacts(self, model: nn.Module, ctx: StageContext) -> dict[str, Any]:
+        """Extra files for the stage's artifact, made right after the test evaluation (every
+        worker calls it; rank 0's are written). ``*.json`` → JSON, ``bytes`` → raw."""
+        return {}
+
+    def export(self, model: nn.Module, ctx: StageContext) -> nn.Module:
+        """The module a serving system loads (CCTL: the pure tower only)."""
+        return model
 
 
 @dataclass(frozen=True)
@@ -28,27 +193,28 @@ class Stage:
     name: str
     train_domains: tuple[str, ...]
     eval_domain: str = "target"
-    init_from: str | None = None
-    load_include: tuple[str, ...] = ("*",)
-    load_exclude: tuple[str, ...] = ()
+    inputs: dict[str, Input] = field(default_factory=dict)
     freeze: tuple[str, ...] = ()
     overrides: dict[str, Any] = field(default_factory=dict)  # train-config keys for this stage
     plain: bool = False  # plain supervised training: same artifact whichever method declares it
+    window: Window | None = None  # the train splits' rows, relative to the run's as_of
+    eval_window: Window | None = None  # the valid/test splits' rows, relative to the run's as_of
+    keep_last: int | None = None  # artifacts of this stage kept in the catalog (older ones pruned)
+    hooks: StageHooks = field(default_factory=StageHooks, compare=False)
+
+    @property
+    def init_from(self) -> str | None:
+        """The upstream stage of the first input (None without inputs)."""
+        return next((i.stage for i in self.inputs.values()), None)
+
+    @property
+    def load_include(self) -> tuple[str, ...]:
+        """What the first input loads (``()`` without inputs)."""
+        return next((i.include for i in self.inputs.values()), ())
 
 
-@dataclass
-class StageContext:
-    """What a method's hooks may read: the stage, its config and the upstream model state."""
-
-    stage: Stage
-    specs: dict[str, DomainSpec]
-    model_cfg: ModelConfig
-    args: dict[str, Any]
-    upstream: dict[str, torch.Tensor] | None = None
-
-
-class Method:
-    """A method: ``stages`` and the hooks. Subclasses override what differs."""
+class Method(ABC):
+    """A method: its name, its arguments and their defaults, and its ``stages``."""
 
     name: str = ""
     description: str = ""
@@ -58,38 +224,12 @@ class Method:
         self.args = {**self.arg_defaults, **args}
 
     @property
+    @abstractmethod
     def stages(self) -> list[Stage]:
-        raise NotImplementedError
+        """The stages in order; resolving them checks the arguments' values."""
 
     def stage(self, name: str) -> Stage:
         for s in self.stages:
             if s.name == name:
                 return s
         raise SpecError(f"method '{self.name}' has no stage '{name}' (stages: {[s.name for s in self.stages]})")
-
-    def build(self, ctx: StageContext) -> nn.Module:
-        """The model of a stage: by default one backbone over the fields of every domain."""
-        return build_model(list(ctx.specs.values()), ctx.model_cfg)
-
-    def logits(self, model: nn.Module, batch: Batch, ctx: StageContext) -> torch.Tensor:
-        return model(batch)
-
-    def loss(self, model: nn.Module, batches: dict[str, Batch], ctx: StageContext) -> torch.Tensor:
-        """Sum of per-row losses over the step's batches (the loop divides by the global row count)."""
-        total = torch.zeros(())
-        for batch in batches.values():
-            total = total + F.binary_cross_entropy_with_logits(
-                self.logits(model, batch, ctx), batch.label, reduction="sum")
-        return total
-
-    def penalty(self, model: nn.Module, batches: dict[str, Batch], ctx: StageContext) -> torch.Tensor | None:
-        """A per-step term added once to the mean loss (None for none)."""
-        return None
-
-    def artifacts(self, model: nn.Module, ctx: StageContext) -> dict[str, Any]:
-        """Extra files for the stage's artifact, made right after the test evaluation (every
-        worker calls it; rank 0's are written). ``*.json`` → JSON, ``bytes`` → raw."""
-        return {}
-
-    def prepare(self, model: nn.Module, ctx: StageContext) -> None:
-        """Called once after the upstream state is loaded and parameters are frozen."""

@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raytrain_ctr.data.encode import Batch
-from raytrain_ctr.methods.base import Method, Stage, StageContext
-from raytrain_ctr.models.backbones import Backbone, CTRModel, embedding_for
+from raytrain_ctr.batch import Batch
+from raytrain_ctr.layers.inputs import embedding_for
+from raytrain_ctr.methods.base import Input, Method, Stage, StageContext, StageHooks
+from raytrain_ctr.models.backbones import Backbone, CTRModel
 from raytrain_ctr.spec import SpecError, merge_tables
 
 PRETRAIN_DOMAINS = {"source": ("source",), "all": ("source", "target")}
@@ -66,18 +67,20 @@ class FineTune(Method):
 
     @property
     def stages(self) -> list[Stage]:
-        return [pretrain_stage(self.args),
-                Stage("finetune", ("target",), init_from="pretrain", freeze=tuple(self.args["freeze"]))]
+        return [pretrain_stage(self.args), Stage("finetune", ("target",), inputs={"pretrain": Input("pretrain")},
+                                                 freeze=tuple(self.args["freeze"]), hooks=self.finetune_hooks())]
+
+    def finetune_hooks(self) -> StageHooks:
+        return StageHooks()
 
 
-class L2SP(FineTune):
-    name = "l2sp"
-    description = "fine-tune with an L2 penalty toward the pre-trained weights"
-    arg_defaults = {"pretrain": "source", "freeze": (), "alpha": 1e-3}
+class L2SPHooks(StageHooks):
+    """Fine-tuning with ``α/2·‖W − W^S‖²`` toward the loaded weights ``W^S``."""
+
+    def __init__(self, alpha: float):
+        self.alpha = alpha
 
     def prepare(self, model: nn.Module, ctx: StageContext) -> None:
-        if ctx.stage.init_from is None:
-            return
         if ctx.model_cfg.embedding_backend != "local":
             raise SpecError("method 'l2sp' penalises embedding rows through their gradients; the torchrec "
                             "backend's fused optimizer takes none (use model.embedding_backend: local)")
@@ -85,8 +88,6 @@ class L2SP(FineTune):
         self.tables = {name: e for name, e in model.named_modules() if isinstance(e, nn.Embedding)}
 
     def penalty(self, model: nn.Module, batches: dict[str, Batch], ctx: StageContext) -> torch.Tensor | None:
-        if ctx.stage.init_from is None:
-            return None
         total = torch.zeros(())
         sparse_weights = set()
         for name, emb in self.tables.items():  # rows this step touches, with sparse gradients
@@ -102,7 +103,16 @@ class L2SP(FineTune):
         for name, p in model.named_parameters():
             if p.requires_grad and name not in sparse_weights:
                 total = total + ((p - self.reference[name]) ** 2).sum()
-        return 0.5 * self.args["alpha"] * total
+        return 0.5 * self.alpha * total
+
+
+class L2SP(FineTune):
+    name = "l2sp"
+    description = "fine-tune with an L2 penalty toward the pre-trained weights"
+    arg_defaults = {"pretrain": "source", "freeze": (), "alpha": 1e-3}
+
+    def finetune_hooks(self) -> StageHooks:
+        return L2SPHooks(float(self.args["alpha"]))
 
 
 class PlugInModel(CTRModel):
@@ -134,6 +144,16 @@ def id_fields(ctx: StageContext) -> list:
     return list({f.name: f for f in chosen}.values())
 
 
+class PlugInHooks(StageHooks):
+    """A target model with the pre-trained id embeddings plugged in (loaded into ``plug.``, frozen)."""
+
+    def build(self, ctx: StageContext) -> nn.Module:
+        if ctx.model_cfg.backbone == "deepfm":
+            raise SpecError("method 'keep' plugs extra features into the deep input; use dnn, dcn or dcnv2")
+        specs = list(ctx.specs.values())
+        return PlugInModel(super().build(ctx), embedding_for(specs, id_fields(ctx), ctx.model_cfg), ctx.model_cfg)
+
+
 class KEEP(Method):
     name = "keep"
     description = "pre-trained user/item embeddings frozen and plugged into a target model"
@@ -141,19 +161,6 @@ class KEEP(Method):
 
     @property
     def stages(self) -> list[Stage]:
+        plug = Input("pretrain", include=("embedding.tables.*",), strip="embedding.", into="plug.")
         return [pretrain_stage(self.args),
-                Stage("plugin", ("target",), init_from="pretrain", load_include=(), freeze=("plug.*",))]
-
-    def build(self, ctx: StageContext) -> nn.Module:
-        base = super().build(ctx)
-        if ctx.stage.init_from is None:
-            return base
-        if ctx.model_cfg.backbone == "deepfm":
-            raise SpecError("method 'keep' plugs extra features into the deep input; use dnn, dcn or dcnv2")
-        specs = list(ctx.specs.values())
-        return PlugInModel(base, embedding_for(specs, id_fields(ctx), ctx.model_cfg), ctx.model_cfg)
-
-    def prepare(self, model: nn.Module, ctx: StageContext) -> None:
-        if ctx.stage.init_from is None:
-            return
-        model.plug.load_state_dict({k: ctx.upstream[f"embedding.{k}"] for k in model.plug.state_dict()})
+                Stage("plugin", ("target",), inputs={"pretrain": plug}, freeze=("plug.*",), hooks=PlugInHooks())]

@@ -3,7 +3,7 @@
 **Translation network** (§4.2, stage ``translation``, on mixed source + target batches):
 
 * decoupled embedding layers ``h_s = H_s(x_s)``, ``h_t = H_t(x_t)`` (eq. 1): the domains'
-  schemas may differ (:class:`~raytrain_ctr.methods.joint.DomainInputs`);
+  schemas may differ (:class:`~raytrain_ctr.layers.inputs.DomainInputs`);
 * a shared MMoE feature extractor, experts ``F_i`` and a gate per domain → ``z_s``, ``z_t``
   (eqs. 2–4);
 * cross-supervised translators ``W_s^tran``, ``W_t^tran`` (d×d): ``z'_s = W_t z_t`` goes
@@ -31,10 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raytrain_ctr.data.encode import Batch
-from raytrain_ctr.layers.experts import MMoE
-from raytrain_ctr.methods.base import Method, Stage, StageContext
-from raytrain_ctr.methods.joint import DOMAINS, JOINT_ARGS, Bottom, DomainInputs, tower, tower_depth
+from raytrain_ctr.batch import Batch
+from raytrain_ctr.layers.experts import Bottom, MMoE
+from raytrain_ctr.layers.inputs import DomainInputs
+from raytrain_ctr.layers.mlp import tower
+from raytrain_ctr.methods.base import Input, Method, Stage, StageContext, StageHooks, bce
+from raytrain_ctr.methods.joint import DOMAINS, JOINT_ARGS, tower_depth
 from raytrain_ctr.spec import SpecError
 
 SWITCHES = ("mmoe", "orth", "cross", "translation", "augmentation")
@@ -103,26 +105,34 @@ class CDAnet(Method):
             raise SpecError("method 'cdanet': translation and augmentation are both switched off")
         out = []
         if a["translation"]:
-            out.append(Stage("translation", DOMAINS, eval_domain=p))
+            out.append(Stage("translation", DOMAINS, eval_domain=p, hooks=CDAnetHooks(a, p, augmentation=False)))
         if a["augmentation"]:
-            out.append(Stage("augmentation", (p,), eval_domain=p,
-                             init_from="translation" if a["translation"] else None,
-                             load_include=carried_over(p) if a["translation"] else ()))
+            inputs = {"translation": Input("translation", include=carried_over(p))} if a["translation"] else {}
+            out.append(Stage("augmentation", (p,), eval_domain=p, inputs=inputs,
+                             hooks=CDAnetHooks(a, p, augmentation=True)))
         return out
+
+
+class CDAnetHooks(StageHooks):
+    """A CDAnet stage: the translation network (§4.2) or the augmentation network (§4.3) of the
+    served domain ``served``, and its loss (eq. 9, or eq. 11 + β·L_orth)."""
+
+    def __init__(self, args: dict, served: str, augmentation: bool):
+        self.args, self.served, self.augmentation = args, served, augmentation
 
     def build(self, ctx: StageContext) -> nn.Module:
         a, d, dropout = self.args, self.args["d"], ctx.model_cfg.dropout
-        domains = list(DOMAINS) if ctx.stage.name == "translation" else [self.served]
+        domains = [self.served] if self.augmentation else list(DOMAINS)
         inputs = DomainInputs(ctx.specs, domains, ctx.model_cfg, d)
         extractor = (MMoE(d, d, a["experts"], a["expert_depth"], domains, dropout) if a["mmoe"]
                      else Bottom(d, a["expert_depth"], dropout))
-        if ctx.stage.name == "translation":
+        if not self.augmentation:
             towers = {p: tower(d, d, tower_depth(a, p), dropout) for p in domains}
             return CDAnetModel(inputs, extractor, d, domains, towers=towers)
         depth = a["aug_tower_depth"] or tower_depth(a, self.served)
         return CDAnetModel(inputs, extractor, d, domains, augmented=tower(2 * d, d, depth, dropout))
 
-    def weights(self) -> dict[str, float]:
+    def weights_of_terms(self) -> dict[str, float]:
         """The loss weights of eq. 9 after the ablation switches."""
         a = self.args
         return {"vani": 1.0, "cross": a["alpha"] if a["cross"] else 0.0, "orth": a["beta"] if a["orth"] else 0.0}
@@ -140,13 +150,8 @@ class CDAnet(Method):
         return out
 
     def loss(self, model: nn.Module, batches: dict[str, Batch], ctx: StageContext) -> torch.Tensor:
-        w = self.weights()
+        w = self.weights_of_terms()
         return sum(w[k] * v for k, v in self.terms(model, batches).items())
-
-
-def bce(logit: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """``BCE(σ(logit), y)`` summed over rows (the loop divides by the step's row count)."""
-    return F.binary_cross_entropy_with_logits(logit, label, reduction="sum")
 
 
 def carried_over(domain: str) -> tuple[str, ...]:

@@ -20,40 +20,23 @@ per domain (``tower_depth: {source: 3, target: 2}``).
 
 from __future__ import annotations
 
+from abc import abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from raytrain_ctr.data.encode import Batch
-from raytrain_ctr.layers.experts import PLE, MMoE, PartitionedNorm, StarLinear, expert
-from raytrain_ctr.layers.mlp import MLP
-from raytrain_ctr.methods.base import Method, Stage, StageContext
-from raytrain_ctr.models.backbones import FieldInputs, ModelConfig
-from raytrain_ctr.spec import DomainSpec, SpecError
+from raytrain_ctr.batch import Batch
+from raytrain_ctr.layers.experts import PLE, Bottom, MMoE, PartitionedNorm, StarLinear
+from raytrain_ctr.layers.inputs import DomainInputs
+from raytrain_ctr.layers.mlp import MLP, tower
+from raytrain_ctr.methods.base import Method, Stage, StageContext, StageHooks
+from raytrain_ctr.spec import SpecError
 
 DOMAINS = ("source", "target")
 JOINT_ARGS: dict[str, Any] = {"d": 64, "experts": 2, "expert_depth": 2, "tower_depth": 2,
                               "shared_embedding": False, "eval_domain": "target"}
-
-
-class DomainInputs(nn.Module):
-    """``h_p = H_p(x_p)`` ∈ R^d (CDAnet eq. 1): a domain's field embeddings and dense features,
-    concatenated and mapped linearly to ``d``; one embedding layer per domain unless ``shared``."""
-
-    def __init__(self, specs: dict[str, DomainSpec], domains: list[str], cfg: ModelConfig, d: int,
-                 shared: bool = False):
-        super().__init__()
-        self.shared = shared
-        if shared:
-            self.fields = nn.ModuleDict({"all": FieldInputs.of([specs[p] for p in domains], cfg)})
-        else:
-            self.fields = nn.ModuleDict({p: FieldInputs.of([specs[p]], cfg) for p in domains})
-        self.project = nn.ModuleDict({p: nn.Linear(self.fields["all" if shared else p].in_dim, d) for p in domains})
-
-    def forward(self, batch: Batch) -> torch.Tensor:
-        fields = self.fields["all" if self.shared else batch.domain]
-        return self.project[batch.domain](fields(batch))
 
 
 def tower_depth(args: dict, domain: str) -> int:
@@ -62,22 +45,6 @@ def tower_depth(args: dict, domain: str) -> int:
     if not isinstance(depth, int) or depth < 1:
         raise SpecError(f"method_args.tower_depth: {domain}'s tower needs ≥ 1 layer (the logit layer), got {depth}")
     return depth
-
-
-def tower(in_dim: int, width: int, depth: int, dropout: float = 0.0) -> MLP:
-    """A prediction tower ``R``: ``depth`` layers, the last one the logit mapping."""
-    return MLP(in_dim, [width] * (depth - 1), out_dim=1, dropout=dropout)
-
-
-class Bottom(nn.Module):
-    """A shared MLP (Share-Bottom; CDAnet's 'w/o MMoE' extractor): the same for every domain."""
-
-    def __init__(self, d: int, depth: int, dropout: float = 0.0):
-        super().__init__()
-        self.mlp = expert(d, d, depth, dropout)
-
-    def forward(self, h: torch.Tensor, domain: str) -> torch.Tensor:
-        return self.mlp(h)
 
 
 class Extraction(nn.Module):
@@ -136,6 +103,18 @@ class JointModel(nn.Module):
         return self.network(self.inputs(batch), batch.domain)
 
 
+class JointHooks(StageHooks):
+    """Per-domain inputs ``H_p`` (or one shared layer) and the method's multi-domain ``network``."""
+
+    def __init__(self, args: dict, network: Callable[[int, float], nn.Module]):
+        self.args, self.network = args, network
+
+    def build(self, ctx: StageContext) -> nn.Module:
+        a = self.args
+        inputs = DomainInputs(ctx.specs, list(DOMAINS), ctx.model_cfg, a["d"], a["shared_embedding"])
+        return JointModel(inputs, self.network(a["d"], ctx.model_cfg.dropout))
+
+
 class Joint(Method):
     """One stage on source + target together, evaluated on ``eval_domain``."""
 
@@ -145,15 +124,12 @@ class Joint(Method):
     def stages(self) -> list[Stage]:
         if self.args["eval_domain"] not in DOMAINS:
             raise SpecError(f"method_args.eval_domain: '{self.args['eval_domain']}' is not one of {list(DOMAINS)}")
-        return [Stage("joint", DOMAINS, eval_domain=self.args["eval_domain"])]
+        return [Stage("joint", DOMAINS, eval_domain=self.args["eval_domain"],
+                      hooks=JointHooks(self.args, self.network))]
 
+    @abstractmethod
     def network(self, d: int, dropout: float) -> nn.Module:
-        raise NotImplementedError
-
-    def build(self, ctx: StageContext) -> nn.Module:
-        a = self.args
-        inputs = DomainInputs(ctx.specs, list(DOMAINS), ctx.model_cfg, a["d"], a["shared_embedding"])
-        return JointModel(inputs, self.network(a["d"], ctx.model_cfg.dropout))
+        """The multi-domain network on ``h_p`` ∈ R^d: the logit of a batch of its domain."""
 
     def towers(self, d: int, dropout: float) -> dict[str, nn.Module]:
         return {p: tower(d, d, tower_depth(self.args, p), dropout) for p in DOMAINS}

@@ -9,16 +9,17 @@ per layer.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from raytrain_ctr.data.encode import Batch
-from raytrain_ctr.embedding import BACKENDS, fields_of, make_embedding
+from raytrain_ctr.batch import Batch
+from raytrain_ctr.embedding import BACKENDS, fields_of
+from raytrain_ctr.layers.inputs import FieldInputs, dense_fields_of, embedding_for
 from raytrain_ctr.layers.interaction import CrossLayer, CrossLayerV2, fm_interaction
 from raytrain_ctr.layers.mlp import DeepLayer
-from raytrain_ctr.spec import DomainSpec, SpecError, TableSpec, merge_tables
+from raytrain_ctr.spec import DomainSpec, SpecError
 
 BACKBONES = ("dnn", "deepfm", "dcn", "dcnv2")
 
@@ -78,40 +79,6 @@ class Backbone(nn.Module):
         return logit
 
 
-class FieldInputs(nn.Module):
-    """An embedding layer and dense fields → ``x_0`` (AutoFT eq. 4). Fields of every domain it
-    serves; absent ones read as zeros."""
-
-    def __init__(self, embedding: nn.Module, dense_fields: list[str]):
-        super().__init__()
-        self.embedding = embedding
-        self.dense_fields = list(dense_fields)
-        self.pooled_names = [f.name for f in embedding.pooled_fields]
-        self.in_dim = sum(embedding.dim(n) for n in self.pooled_names) + len(self.dense_fields)
-
-    @classmethod
-    def of(cls, specs: list[DomainSpec], cfg: ModelConfig) -> FieldInputs:
-        """Over the union of the fields of ``specs``, with their tables."""
-        return cls(embedding_for(specs, fields_of(specs), cfg), dense_fields_of(specs))
-
-    def dense(self, batch: Batch) -> torch.Tensor:
-        """Dense features in this model's order; a field the batch's domain lacks reads as zero."""
-        cols = [batch.dense[:, batch.dense_fields.index(n)] if n in batch.dense_fields
-                else batch.label.new_zeros(len(batch)) for n in self.dense_fields]
-        return torch.stack(cols, 1) if cols else batch.label.new_zeros(len(batch), 0)
-
-    def inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x_0`` = concat of field embeddings and dense features (eq. 4), and ``v`` [B, F, D] if dims agree."""
-        emb = self.embedding(batch)
-        vs = [emb[n] for n in self.pooled_names]
-        x0 = torch.cat([*vs, self.dense(batch)], dim=-1)
-        v = torch.stack(vs, 1) if len({t.shape[-1] for t in vs}) == 1 else None
-        return x0, v
-
-    def forward(self, batch: Batch) -> torch.Tensor:
-        return self.inputs(batch)[0]
-
-
 class CTRModel(FieldInputs):
     """Embedding layer + backbone over the fields of every domain it serves."""
 
@@ -126,25 +93,6 @@ class CTRModel(FieldInputs):
         return self.backbone(*self.inputs(batch))
 
 
-def tables_with_dim(tables: dict[str, TableSpec], dim: int | None) -> dict[str, TableSpec]:
-    return tables if dim is None else {k: replace(t, dim=dim) for k, t in tables.items()}
-
-
-def dense_fields_of(specs: list[DomainSpec]) -> list[str]:
-    names: list[str] = []
-    for s in specs:
-        names += [f.name for f in s.dense_fields if f.name not in names]
-    return names
-
-
 def build_model(specs: list[DomainSpec], cfg: ModelConfig) -> CTRModel:
     """One model over the union of the domains' fields (so every baseline shares one architecture)."""
     return CTRModel(embedding_for(specs, fields_of(specs), cfg), dense_fields_of(specs), cfg)
-
-
-def embedding_for(specs: list[DomainSpec], fields: list, cfg: ModelConfig) -> nn.Module:
-    """A collection over ``fields``, with the domains' tables, on the configured backend."""
-    return make_embedding(tables_with_dim(merge_tables(specs), cfg.embedding_dim), fields, cfg.embedding_backend)
-
-
-

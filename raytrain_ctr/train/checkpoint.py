@@ -31,9 +31,11 @@ def sharded_state(model: nn.Module, best_state: dict | None = None) -> dict[str,
 
 
 def training_state(model: nn.Module, optimizers: list[torch.optim.Optimizer], epoch: int, best: dict,
-                   history: list[dict]) -> tuple[dict, dict | None]:
-    """``(rank 0's state.pt, every worker's DCP state or None)`` of one epoch's end."""
+                   history: list[dict], step: int = 0) -> tuple[dict, dict | None]:
+    """``(rank 0's state.pt, every worker's DCP state or None)`` of one epoch's end (``step``: the
+    stage's optimisation steps so far)."""
     meta = {"optimizers": [o.state_dict() for o in optimizers], "rng": torch.get_rng_state(), "epoch": epoch,
+            "step": step,
             "best": {k: v for k, v in best.items() if k != "state"}, "history": history}
     if not is_sharded(model):
         meta["model"] = model.state_dict()

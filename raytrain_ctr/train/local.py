@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from raytrain_ctr.batch import Batch
 from raytrain_ctr.config import TrainConfig
-from raytrain_ctr.data.encode import Batch
 from raytrain_ctr.methods import Method, Stage
 from raytrain_ctr.models.backbones import ModelConfig
 from raytrain_ctr.spec import DomainSpec
@@ -33,12 +33,14 @@ def split_batches(batch: Batch, size: int, generator: torch.Generator | None = N
 
 
 def fit_local(method: Method, stage: Stage, specs: dict[str, DomainSpec], model_cfg: ModelConfig,
-              tc: TrainConfig, train: dict[str, Batch], valid: Batch, upstream: str | None = None) -> LocalResult:
-    """Train a stage on in-memory batches (shuffled each epoch); validation AUC per epoch."""
+              tc: TrainConfig, train: dict[str, Batch], valid: Batch, upstream: str | dict[str, str] | None = None
+              ) -> LocalResult:
+    """Train a stage on in-memory batches (shuffled each epoch); validation AUC per epoch.
+    ``upstream``: a path per input of the stage, or one path for all of them."""
     torch.manual_seed(tc.seed)
     model, ctx = build_stage_model(method, stage, specs, model_cfg, upstream)
-    optimizers = make_optimizers(model, tc)
-    sync = GradientSync(model)
+    optimizers = make_optimizers(model, tc, ctx)
+    sync = GradientSync(model, exclude=ctx.group_parameter_ids())
     total = sum(len(b) for b in train.values())
     sizes = {d: max(1, round(tc.batch_size * len(b) / total)) for d, b in train.items()}
     gen = torch.Generator().manual_seed(tc.seed)
@@ -46,8 +48,8 @@ def fit_local(method: Method, stage: Stage, specs: dict[str, DomainSpec], model_
     for epoch in range(tc.epochs):
         chunks = {d: split_batches(b, sizes[d], gen) for d, b in train.items()}
         for step in range(max(len(c) for c in chunks.values())):
-            train_step(method, model, ctx, {d: c[step] for d, c in chunks.items() if step < len(c)}, optimizers, sync)
-        metrics = evaluate(method, model, ctx, split_batches(valid, 8192), valid.user is not None)
+            train_step(model, ctx, {d: c[step] for d, c in chunks.items() if step < len(c)}, optimizers, sync)
+        metrics = evaluate(model, ctx, split_batches(valid, 8192), valid.user is not None)
         history.append({"epoch": epoch, **metrics})
         best = max(best, metrics["auc"])
     return LocalResult(model, history, best)

@@ -21,7 +21,7 @@ import json
 import os
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +29,19 @@ import numpy as np
 import ray.train
 import torch
 
+from raytrain_ctr.batch import Batch
 from raytrain_ctr.config import ExperimentConfig, TrainConfig
-from raytrain_ctr.data.encode import Batch, FeatureEncoder
+from raytrain_ctr.data.encode import FeatureEncoder
 from raytrain_ctr.data.ingest import iter_domain
 from raytrain_ctr.embedding import is_sharded, shard_model, sharded_parameter_ids, unsharded_state
-from raytrain_ctr.methods import Method, Stage, StageContext, get_method
+from raytrain_ctr.methods import Method, Stage, StageContext
 from raytrain_ctr.models.backbones import ModelConfig
 from raytrain_ctr.runtime import report
 from raytrain_ctr.spec import DomainSpec, SpecError
 from raytrain_ctr.train import metrics as M
 from raytrain_ctr.train.checkpoint import STATE_FILE, restore, save_sharded, training_state
-from raytrain_ctr.train.state import freeze, load_filtered
+from raytrain_ctr.train.state import freeze, load_filtered, train_mode
+from raytrain_ctr.train.step import GroupOptimizer
 from raytrain_ctr.train.sync import GradientSync, all_reduce_sum, sparse_parameters, world_size
 
 MODEL_FILE = "model.pt"
@@ -67,12 +69,14 @@ def sparse_optimizer(params: list[torch.nn.Parameter], tc: TrainConfig) -> torch
                     f"model.embedding_backend: torchrec")
 
 
-def make_optimizers(model: torch.nn.Module, tc: TrainConfig) -> list[torch.optim.Optimizer]:
+def make_optimizers(model: torch.nn.Module, tc: TrainConfig, ctx: StageContext | None = None
+                    ) -> list[torch.optim.Optimizer]:
     """A sparse optimizer for local tables, Adam for dense parameters; sharded tables have
-    their optimizer fused into the backward and take none here."""
-    fused = sharded_parameter_ids(model)
+    their optimizer fused into the backward and take none here, the stage's parameter groups
+    (``ctx``) their own."""
+    skip = sharded_parameter_ids(model) | (ctx.group_parameter_ids() if ctx else set())
     sparse_ids = {id(p) for p in sparse_parameters(model)}
-    params = [p for p in model.parameters() if p.requires_grad and id(p) not in fused]
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in skip]
     sparse = [p for p in params if id(p) in sparse_ids]
     dense = [p for p in params if id(p) not in sparse_ids]
     opts: list[torch.optim.Optimizer] = []
@@ -84,42 +88,60 @@ def make_optimizers(model: torch.nn.Module, tc: TrainConfig) -> list[torch.optim
 
 
 def build_stage_model(method: Method, stage: Stage, specs: dict[str, DomainSpec], model_cfg: ModelConfig,
-                      upstream_path: str | None) -> tuple[torch.nn.Module, StageContext]:
-    """Build the stage's model, load what it takes from upstream, freeze, let the method prepare."""
-    upstream = torch.load(upstream_path, map_location="cpu", weights_only=True) if upstream_path else None
-    ctx = StageContext(stage, specs, model_cfg, method.args, upstream)
-    model = method.build(ctx)
-    if upstream is not None and stage.load_include:
-        load_filtered(model, upstream, stage.load_include, stage.load_exclude, source=upstream_path)
+                      inputs: str | dict[str, str] | None = None) -> tuple[torch.nn.Module, StageContext]:
+    """Build the stage's model, load its inputs (each into its place), freeze, let the stage prepare,
+    and set up its parameter groups. ``inputs``: a path per input name, or one path for every
+    input (an input without a path is not loaded: dry builds, tests)."""
+    paths = inputs if isinstance(inputs, dict) else {name: inputs for name in stage.inputs} if inputs else {}
+    unknown = sorted(set(paths) - set(stage.inputs))
+    if unknown:
+        raise SpecError(f"stage '{stage.name}' has no input(s) {unknown} (inputs: {sorted(stage.inputs)})")
+    loaded: dict[str, dict[str, torch.Tensor]] = {}
+    for path in dict.fromkeys(paths.values()):
+        loaded[path] = torch.load(path, map_location="cpu", weights_only=True)
+    ctx = StageContext(stage, specs, model_cfg, method.args, {name: loaded[p] for name, p in paths.items()})
+    hooks = stage.hooks
+    model = hooks.build(ctx)
+    for name, inp in stage.inputs.items():
+        if name in paths and inp.include:
+            load_filtered(model, ctx.inputs[name], inp.include, inp.exclude, source=paths[name], strip=inp.strip,
+                          into=inp.into, exclude_modules=inp.exclude_modules)
     freeze(model, stage.freeze)
-    method.prepare(model, ctx)
+    hooks.prepare(model, ctx)
+    ctx.groups = {g.name: GroupOptimizer(model, g) for g in hooks.param_groups(model, ctx)}
+    train_mode(model)
     return model, ctx
 
 
-def train_step(method: Method, model: torch.nn.Module, ctx: StageContext, batches: dict[str, Batch],
+def train_step(model: torch.nn.Module, ctx: StageContext, batches: dict[str, Batch],
                optimizers: list[torch.optim.Optimizer], sync: GradientSync) -> tuple[float, int]:
     """One optimisation step over this worker's batches of the step (maybe none).
 
     The loss is divided by the step's *global* row count and the gradients summed over
-    workers, so the update is that of the global mean loss. Returns (this worker's loss
-    sum, the global row count); nothing is done when no worker had rows left.
+    workers, so the update is that of the global mean loss; the stage's parameter groups take
+    no part in it. Then the stage's ``after_step`` hook. Returns (this worker's loss sum, the
+    global row count); nothing is done when no worker had rows left.
     """
+    hooks = ctx.stage.hooks
     n_local = sum(len(b) for b in batches.values())
     (n_global,) = all_reduce_sum([n_local])
     if n_global == 0:
         return 0.0, 0
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
-    step_loss = method.loss(model, batches, ctx) if batches else torch.zeros(())
-    loss = step_loss / n_global
-    penalty = method.penalty(model, batches, ctx)
-    if penalty is not None:
-        loss = loss + penalty / world_size()
-    if loss.requires_grad:
-        loss.backward()
+    with ctx.main_loss():
+        step_loss = hooks.loss(model, batches, ctx) if batches else torch.zeros(())
+        loss = step_loss / n_global
+        penalty = hooks.penalty(model, batches, ctx)
+        if penalty is not None:
+            loss = loss + penalty / world_size()
+        if loss.requires_grad:
+            loss.backward()
     sync()
     for opt in optimizers:
         opt.step()
+    ctx.step += 1
+    hooks.after_step(model, batches, ctx)
     return float(step_loss.detach()), int(n_global)
 
 
@@ -135,20 +157,20 @@ def lockstep(batches: Iterable[Batch], empty: Batch) -> Iterator[Batch]:
         yield empty if b is None else b
 
 
-def evaluate(method: Method, model: torch.nn.Module, ctx: StageContext, batches: Iterable[Batch],
-             with_users: bool, empty: Batch | None = None) -> dict[str, float]:
+def evaluate(model: torch.nn.Module, ctx: StageContext, batches: Iterable[Batch], with_users: bool,
+             empty: Batch | None = None) -> dict[str, float]:
     """Exact metrics over the whole split: every worker's predictions are gathered first.
     With ``empty`` given, workers step in lockstep (sharded models)."""
     model.eval()
     probs, labels, users = [], [], []
     with torch.no_grad():
         for b in (batches if empty is None else lockstep(batches, empty)):
-            probs.append(torch.sigmoid(method.logits(model, b, ctx)))
+            probs.append(torch.sigmoid(ctx.stage.hooks.logits(model, b, ctx)))
             labels.append(b.label)
             if b.user is not None:
                 users.append(b.user)
     arrays = [M.to_numpy(labels), M.to_numpy(probs)] + ([M.to_numpy(users, np.int64)] if with_users else [])
-    model.train()
+    train_mode(model)
     return M.summarize(*M.gather(*arrays))
 
 
@@ -170,23 +192,39 @@ def _maybe_fail(tc: TrainConfig, epoch: int, step: int, marker_dir: str) -> None
         os._exit(1)
 
 
+@dataclass(frozen=True)
+class StageJob:
+    """What the driver hands every worker of a stage, resolved once: the experiment, the method
+    and the stage (with its hooks), the domains' specs, per-domain batch sizes, a local path per
+    input, and where the stage's run keeps its files."""
+
+    cfg: ExperimentConfig
+    method: Method
+    stage: Stage
+    specs: dict[str, DomainSpec]
+    batch_sizes: dict[str, int]
+    inputs: dict[str, str]
+    run_dir: str
+
+    @property
+    def train(self) -> TrainConfig:
+        return stage_train_config(self.cfg, self.stage.overrides)
+
+
 def train_stage(config: dict) -> None:
-    """``train_loop_per_worker`` of a stage. ``config`` holds the experiment, stage name, specs,
-    per-domain batch sizes, and the upstream model state path."""
-    cfg: ExperimentConfig = config["cfg"]
-    method = get_method(cfg.method, cfg.method_args)
-    stage = method.stage(config["stage"])
-    tc = stage_train_config(cfg, stage.overrides)
-    specs = config["specs"]
+    """``train_loop_per_worker`` of a stage: ``config["job"]`` is its :class:`StageJob`."""
+    job: StageJob = config["job"]
+    cfg, stage, specs, tc = job.cfg, job.stage, job.specs, job.train
     torch.manual_seed(tc.seed)
     np.random.seed(tc.seed)
 
-    model, ctx = build_stage_model(method, stage, specs, cfg.model, config["upstream"])
+    model, ctx = build_stage_model(job.method, stage, specs, cfg.model, job.inputs)
     if cfg.model.embedding_backend == "torchrec":
         shard_model(model, world_size(), cfg.model.sharding, cfg.model.row_wise_from_rows, tc.sparse_optimizer,
                     tc.sparse_lr or tc.lr, tc.sparse_eps)
-    optimizers = make_optimizers(model, tc)
-    sync = GradientSync(model)
+    optimizers = make_optimizers(model, tc, ctx)
+    checkpointed = optimizers + [g.optimizer for g in ctx.groups.values()]
+    sync = GradientSync(model, exclude=ctx.group_parameter_ids())
     encoders = {d: FeatureEncoder(specs[d]) for d in specs}
     empties = {d: e.empty() for d, e in encoders.items()} if is_sharded(model) else None
 
@@ -200,18 +238,19 @@ def train_stage(config: dict) -> None:
                          f.read_bytes() for f in Path(d).iterdir() if f.is_file()}
                 report({k: v for k, v in files[METRICS_FILE].items() if k != "history"}, files)
                 return
-            saved = restore(model, optimizers, d)
+            saved = restore(model, checkpointed, d)
         start_epoch, best, history = saved["epoch"] + 1, saved["best"], saved["history"]
+        ctx.step = int(saved.get("step", 0))
         resumed_from = start_epoch
 
-    batch_sizes = config["batch_sizes"]
+    batch_sizes = job.batch_sizes
     eval_domain = stage.eval_domain
     with_users = specs[eval_domain].user_id is not None
 
     def eval_metrics(split: str) -> dict[str, float]:
         batches = iter_domain(ray.train.get_dataset_shard(dataset_key(eval_domain, split)), encoders[eval_domain],
                               max(batch_sizes.values()))
-        return evaluate(method, model, ctx, batches, with_users, empties[eval_domain] if empties else None)
+        return evaluate(model, ctx, batches, with_users, empties[eval_domain] if empties else None)
 
     for epoch in range(start_epoch, tc.epochs):
         if best["bad"] >= tc.patience:
@@ -225,11 +264,11 @@ def train_stage(config: dict) -> None:
             batches = {d: b for d, it in its.items() if (b := next(it, None)) is not None}
             if empties:
                 batches = {d: batches[d] if d in batches else empties[d] for d in its}
-            step_loss, n_global = train_step(method, model, ctx, batches, optimizers, sync)
+            step_loss, n_global = train_step(model, ctx, batches, optimizers, sync)
             if n_global == 0:
                 break
             loss_sum, rows, steps = loss_sum + step_loss, rows + sum(len(b) for b in batches.values()), steps + 1
-            _maybe_fail(tc, epoch, steps, config["run_dir"])
+            _maybe_fail(tc, epoch, steps, job.run_dir)
         loss_sum, rows = all_reduce_sum([loss_sum, rows])
         valid = eval_metrics("valid")
         if valid["auc"] > best["auc"]:
@@ -240,14 +279,14 @@ def train_stage(config: dict) -> None:
                    "epoch_seconds": time.perf_counter() - t0, "resumed_from_epoch": resumed_from,
                    **{f"valid_{k}": v for k, v in valid.items()}}
         history.append(metrics)
-        meta, shards = training_state(model, optimizers, epoch, best, history)
+        meta, shards = training_state(model, checkpointed, epoch, best, history, ctx.step)
         report(metrics, {STATE_FILE: meta}, None if shards is None else lambda d, s=shards: save_sharded(s, d))
 
     if best["state"] is not None:
         model.load_state_dict(best["state"])
     test = eval_metrics("test")
-    extra = method.artifacts(model, ctx)
-    final = {"stage": stage.name, "method": method.name, "best_epoch": best["epoch"],
+    extra = stage.hooks.artifacts(model, ctx)
+    final = {"stage": stage.name, "method": job.method.name, "best_epoch": best["epoch"],
              "valid_auc": best["auc"], "resumed_from_epoch": resumed_from, "final": True,
              **{f"test_{k}": v for k, v in test.items()}}
     report(final, {MODEL_FILE: unsharded_state(model), METRICS_FILE: {**final, "history": history}, **extra})

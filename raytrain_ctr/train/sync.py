@@ -53,12 +53,15 @@ def sparse_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 class GradientSync:
-    """Sums gradients over workers after ``backward`` (no-op on one worker)."""
+    """Sums gradients over workers after ``backward`` (no-op on one worker): of every trainable
+    replicated parameter of ``model``, or only of those in ``include``, less those in ``exclude``
+    (ids; a stage's parameter groups sync on their own)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, include: set[int] | None = None, exclude: set[int] = frozenset()):
         sparse_ids, fused = {id(p) for p in sparse_parameters(model)}, sharded_parameter_ids(model)
         params = [p for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0])
-                  if p.requires_grad and id(p) not in fused]
+                  if (p.requires_grad or include is not None) and id(p) not in fused and id(p) not in exclude
+                  and (include is None or id(p) in include)]
         self.sparse = [p for p in params if id(p) in sparse_ids]
         self.dense = [p for p in params if id(p) not in sparse_ids]
 

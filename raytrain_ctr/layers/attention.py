@@ -1,0 +1,61 @@
+"""Attention over a set or a sequence of vectors, with a mask of which positions are real.
+
+* :class:`SelfAttentionPooling` (E-CDCTR eqs. 2–3): multi-head self-attention over a set of
+  vectors (e.g. a user's embeddings of the last three months), then the mean over the set.
+* :class:`TargetAttention` (DIN, Zhou et al. 2018; MKT's sequence encoder): each behaviour is
+  scored against the target item by a small MLP on ``[e_j, q, e_j − q, e_j ⊙ q]``, and the
+  sequence is the score-weighted sum (DIN's raw scores, or softmax-normalised).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from raytrain_ctr.layers.mlp import MLP
+
+
+def _full(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if mask is None else mask.bool()
+
+
+class SelfAttentionPooling(nn.Module):
+    """``e_SA = SelfAttention(e)``, ``e_mean = MeanPooling(e_SA)`` (E-CDCTR eq. 3) over ``e`` [B, N, d]
+    (eq. 2: the N vectors stacked). Masked positions are neither attended to nor averaged; a row
+    with no real position pools to zeros."""
+
+    def __init__(self, dim: int, heads: int = 1, dropout: float = 0.0):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+
+    def forward(self, e: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        mask = _full(e, mask)
+        empty = ~mask.any(1)
+        attend = mask | empty.unsqueeze(1)  # a row with nothing real attends to all (then zeroed): no NaN
+        out, _ = self.attention(e, e, e, key_padding_mask=~attend, need_weights=False)
+        weights = mask.to(out.dtype).unsqueeze(-1)
+        return (out * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+class TargetAttention(nn.Module):
+    """A behaviour sequence ``e`` [B, L, d] pooled against a target ``q`` [B, d]:
+    ``Σ_j a(e_j, q)·e_j`` with ``a`` an MLP on ``[e_j, q, e_j − q, e_j ⊙ q]`` (DIN's activation
+    unit). ``softmax=True`` normalises the scores over the real positions (DIN keeps them raw, so
+    the sum also carries how much of the history is relevant)."""
+
+    def __init__(self, dim: int, hidden: tuple[int, ...] = (64, 32), softmax: bool = False):
+        super().__init__()
+        self.score = MLP(4 * dim, list(hidden), out_dim=1)
+        self.softmax = softmax
+
+    def scores(self, e: torch.Tensor, q: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``a(e_j, q)`` [B, L]; masked positions 0 (softmax: over the real positions only)."""
+        mask = _full(e, mask)
+        q = q.unsqueeze(1).expand_as(e)
+        s = self.score(torch.cat([e, q, e - q, e * q], -1)).squeeze(-1)
+        if self.softmax:
+            s = torch.softmax(s.masked_fill(~mask, float("-inf")), 1).nan_to_num(0.0)
+        return s * mask.to(s.dtype)
+
+    def forward(self, e: torch.Tensor, q: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return (self.scores(e, q, mask).unsqueeze(-1) * e).sum(1)

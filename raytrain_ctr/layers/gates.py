@@ -1,0 +1,24 @@
+"""Gates that decide how much of a transferred representation to let through.
+
+* :class:`GLU` (Dauphin et al. 2017; MKT eqs. 14–15): ``GLU(x) = (W x + b) ⊙ σ(V x + c)``; MKT
+  passes each vector plugged in from the frozen pre-trained model through one and adds it to the
+  target model's own vector of the same meaning.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class GLU(nn.Module):
+    """``(W x + b) ⊙ σ(V x + c)``: a linear map, gated per output unit by the input itself."""
+
+    def __init__(self, in_dim: int, out_dim: int | None = None):
+        super().__init__()
+        out_dim = out_dim or in_dim
+        self.value = nn.Linear(in_dim, out_dim)
+        self.gate = nn.Linear(in_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.value(x) * torch.sigmoid(self.gate(x))
