@@ -111,7 +111,7 @@ def cmd_compare(a: argparse.Namespace) -> None:
 
     cfg = experiment(a)
     init_ray()
-    rows = compare(cfg, [Entry.parse(m) for m in a.methods], a.seeds, a.out)
+    rows = compare(cfg, [Entry.parse(m) for m in a.methods], a.seeds, a.out, reference=a.reference)
     print(markdown(rows, f"target test metrics over seeds {a.seeds}"))
     print(f"written: {a.out}/leaderboard.md, leaderboard.json, leaderboard.png")
 
@@ -157,7 +157,7 @@ def cmd_demo(a: argparse.Namespace) -> None:
     except DataError:
         cmd_movielens(argparse.Namespace(out=a.data, source=None, split="random", seed=0))
     a = argparse.Namespace(config=a.config, variant=None, set=[f"data={a.data}"], methods=DEMO_METHODS,
-                           seeds=a.seeds, out=a.out)
+                           seeds=a.seeds, out=a.out, reference=None)
     cmd_compare(a)
 
 
@@ -210,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--methods", nargs="+", required=True, help="METHOD or METHOD:key=value,...")
     s.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     s.add_argument("--out", default="runs/leaderboard")
+    s.add_argument("--reference", default=None,
+                   help="the entry every other is paired against (t-test over seeds); default the first")
     s.set_defaults(func=cmd_compare)
 
     s = sub.add_parser("tune", help="Ray Tune search (ASHA on target-validation AUC)")

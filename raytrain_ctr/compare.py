@@ -49,33 +49,56 @@ def mean_std(values: list[float]) -> str:
     return f"{a.mean():.4f} ± {a.std(ddof=1) if len(a) > 1 else 0.0:.4f}"
 
 
-def compare(base: ExperimentConfig, entries: list[Entry], seeds: list[int], out: str) -> list[dict]:
-    """Run every entry for every seed; write and return the per-entry summary rows."""
+def paired_p(values: list[float], reference: list[float]) -> float | None:
+    """Two-sided paired t-test over seeds (the same seeds in the same order): the p-value of the
+    mean difference being 0; None with fewer than 2 pairs or identical columns."""
+    from scipy.stats import ttest_rel
+
+    if len(values) < 2 or values == reference:
+        return None
+    p = float(ttest_rel(values, reference).pvalue)
+    return None if np.isnan(p) else p
+
+
+def compare(base: ExperimentConfig, entries: list[Entry], seeds: list[int], out: str,
+            reference: str | None = None) -> list[dict]:
+    """Run every entry for every seed; write and return the per-entry summary rows, each with a
+    paired t-test of its AUC against ``reference``'s (an entry's label; default the first entry)."""
     runs = []
     for e in entries:
         for seed in seeds:
             cfg = base.with_overrides({"method": e.method, "method_args": e.args, "train.seed": seed,
                                        "name": f"{e.label}-s{seed}"})
             final = pipeline.final_metrics(pipeline.run(cfg), cfg)
-            runs.append({"entry": e.label, "seed": seed, **{k: final[k] for k, _, _ in METRICS}})
+            runs.append({"entry": e.label, "seed": seed, "artifact": final["artifact"],
+                         **{k: final[k] for k, _, _ in METRICS}})
     rows = []
     for e in entries:
         mine = [r for r in runs if r["entry"] == e.label]
         rows.append({"entry": e.label, "n": len(mine),
                      **{k: [r[k] for r in mine] for k, _, _ in METRICS}})
+    reference = reference or entries[0].label
+    ref = next((r for r in rows if r["entry"] == reference), None)
+    if ref is None:
+        raise ValueError(f"reference '{reference}' is not one of the entries {[r['entry'] for r in rows]}")
+    for r in rows:
+        r["reference"], r["p_auc"] = reference, paired_p(r["test_auc"], ref["test_auc"])
     write(rows, runs, base, seeds, out)
     return rows
 
 
 def markdown(rows: list[dict], title: str) -> str:
     best = {k: (max if up else min)(np.mean(r[k]) for r in rows) for k, _, up in METRICS}
-    lines = [f"**{title}**", "", "| method | " + " | ".join(n for _, n, _ in METRICS) + " |",
-             "|---|" + "---|" * len(METRICS)]
+    tested = "reference" in rows[0]
+    head = [n for _, n, _ in METRICS] + ([f"p (AUC vs {rows[0]['reference']})"] if tested else [])
+    lines = [f"**{title}**", "", "| method | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
     for r in rows:
         cells = []
         for k, _, _ in METRICS:
             cell = mean_std(r[k])
             cells.append(f"**{cell}**" if np.isclose(np.mean(r[k]), best[k]) else cell)
+        if tested:
+            cells.append("—" if r["p_auc"] is None else f"{r['p_auc']:.3f}")
         lines.append(f"| {r['entry']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -86,8 +109,8 @@ def write(rows: list[dict], runs: list[dict], base: ExperimentConfig, seeds: lis
     title = (f"target-domain test metrics, {Path(base.data).name}, backbone {base.model.backbone}, "
              f"seeds {seeds} (mean ± std)")
     (path / "leaderboard.md").write_text(markdown(rows, title))
-    (path / "leaderboard.json").write_text(json.dumps({"runs": runs, "config": base.to_dict()}, indent=2,
-                                                      default=str))
+    (path / "leaderboard.json").write_text(json.dumps({"runs": runs, "rows": rows, "config": base.to_dict()},
+                                                      indent=2, default=str))
     plot(rows, path / "leaderboard.png", title)
 
 

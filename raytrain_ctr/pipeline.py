@@ -192,6 +192,14 @@ def local_inputs(cfg: ExperimentConfig, stage: Stage, resolved: Resolved) -> dic
     return paths
 
 
+def diagnostic_columns(dataset: CTRDataset, domain: str, wanted: tuple[str, ...]) -> tuple[str, ...]:
+    """The ``wanted`` columns that the domain's train split has (read from its first file's footer)."""
+    if not wanted:
+        return ()
+    names = set(pq.read_schema(dataset.files(domain, "train")[0], filesystem=dataset.filesystem).names)
+    return tuple(c for c in wanted if c in names)
+
+
 def run_stage(cfg: ExperimentConfig, method: Method, dataset: CTRDataset, stage: Stage, resolved: Resolved,
               fresh: bool = False, callbacks: list | None = None) -> dict:
     """One ``TorchTrainer.fit``; resumes the stage's last Ray Train checkpoint unless ``fresh``."""
@@ -207,7 +215,8 @@ def run_stage(cfg: ExperimentConfig, method: Method, dataset: CTRDataset, stage:
     cache = tc.cache_mb << 20
     as_of = as_of_date(cfg)
     train_window, eval_window = (TimeWindow(*w.bounds(as_of)) if w else None for w in (stage.window, stage.eval_window))
-    splits = {dataset_key(d, "train"): read_split(dataset, d, "train", window=train_window,
+    extra = {d: diagnostic_columns(dataset, d, stage.diagnostics) for d in stage.train_domains}
+    splits = {dataset_key(d, "train"): read_split(dataset, d, "train", window=train_window, extra_columns=extra[d],
                                                   shuffle_files=tc.shuffle_buffer > 0, seed=tc.seed,
                                                   cache_below_bytes=cache)
               for d in stage.train_domains}
@@ -219,6 +228,7 @@ def run_stage(cfg: ExperimentConfig, method: Method, dataset: CTRDataset, stage:
     run_name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}" if fresh else name
     job = StageJob(cfg=cfg, method=method, stage=stage, specs={d: dataset.domain(d).spec for d in dataset.domains},
                    batch_sizes=batch_sizes(dataset, stage.train_domains, tc.batch_size), inputs=inputs,
+                   extra_columns=extra,
                    run_dir=str(Path(storage) / run_name) if "://" not in storage else tempfile.mkdtemp())
     trainer = TorchTrainer(
         train_stage,

@@ -38,7 +38,12 @@ SPACES["spottune"] = SPACES["autoft"]
 SPACES["share_bottom"] = {"method_args.d": {"choice": [32, 64, 128]}, "method_args.expert_depth": {"choice": [1, 2, 3]},
                           "method_args.tower_depth": {"choice": [1, 2, 3]}}
 SPACES["mmoe"] = SPACES["ple"] = {**SPACES["share_bottom"], "method_args.experts": {"choice": [1, 2, 4, 8]}}
-SPACES["star"] = SPACES["share_bottom"]
+SPACES["star"] = SPACES["conet"] = SPACES["share_bottom"]
+# CCTL §2 and §3.3: α (eq. 9, Figure 5(b)), γ, the sync period k, the selector period n, REN's weight, selector width
+SPACES["cctl"] = {"method_args.alpha": {"uniform": [0.0, 1.0]}, "method_args.gamma": {"uniform": [0.5, 0.99]},
+                  "method_args.k": {"choice": [5, 20, 100]}, "method_args.n": {"choice": [5, 10, 50]},
+                  "method_args.ren_weight": {"loguniform": [1e-3, 1.0]},
+                  "method_args.selector_hidden": {"choice": [16, 64, 256]}}
 # CDAnet §5.4.2 (Figure 6): α, β, K experts; and expert depth, tower depth, d
 SPACES["cdanet"] = {**SPACES["mmoe"], "method_args.alpha": {"loguniform": [1e-3, 1.0]},
                     "method_args.beta": {"loguniform": [1e-3, 1.0]}}

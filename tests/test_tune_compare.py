@@ -54,3 +54,15 @@ def test_leaderboard_table_and_plot(tiny_data, ray_local, tmp_path):
     md = (tmp_path / "lb" / "leaderboard.md").read_text()
     assert "| target_only |" in md and "±" in md
     assert Path(tmp_path / "lb" / "leaderboard.png").stat().st_size > 5000
+
+
+def test_the_paired_test_over_seeds():
+    from raytrain_ctr.compare import paired_p
+
+    a, b = [0.760, 0.771, 0.765, 0.768, 0.762], [0.755, 0.770, 0.760, 0.761, 0.760]
+    diff = [x - y for x, y in zip(a, b)]
+    mean, sd = sum(diff) / 5, (sum((d - sum(diff) / 5) ** 2 for d in diff) / 4) ** 0.5
+    t = mean / (sd / 5 ** 0.5)
+    assert t == pytest.approx(3.651, abs=1e-3)  # the paired t statistic; two-sided p with 4 d.o.f.:
+    assert paired_p(a, b) == pytest.approx(0.0217, abs=2e-4)  # between the tables' 0.05 (2.776) and 0.02 (3.747)
+    assert paired_p(a, a) is None and paired_p(a[:1], b[:1]) is None

@@ -9,6 +9,8 @@ that domain's gate, experts or weights.
 * :class:`PLE` (Tang et al. 2020): per level, shared experts and domain-specific experts;
   a domain's gate mixes its own and the shared experts, a shared gate mixes them all for
   the next level (progressive extraction). Inputs may differ per domain (MKT's CKE).
+* :class:`CrossConnection` (CoNet, Hu et al. 2018): two domains' MLPs joined layer by layer
+  through shared cross-connection matrices.
 * :class:`StarLinear`, :class:`PartitionedNorm` (Sheng et al. 2021, STAR): a domain's
   weights are the shared weights times its own (``W ⊙ W_p``, ``b + b_p``); normalisation
   keeps statistics per domain and scales by shared times domain parameters.
@@ -147,3 +149,27 @@ class PartitionedNorm(nn.Module):
         return F.batch_norm(x, getattr(self, f"running_mean_{domain}"), getattr(self, f"running_var_{domain}"),
                             self.gamma * self.gamma_p[domain], self.beta + self.beta_p[domain],
                             training=self.training and len(x) > 1, momentum=self.momentum, eps=self.eps)
+
+
+class CrossConnection(nn.Module):
+    """CoNet's cross-connection units (Hu et al. 2018) between two domains' networks: one MLP per
+    domain whose layers exchange information through shared matrices ``H^l``,
+    ``a_p^{l+1} = ReLU(W_p^l a_p^l + H^l a_q^l)``; a batch of domain ``p`` runs both networks on its
+    input and reads ``p``'s."""
+
+    def __init__(self, dim: int, depth: int, domains: list[str], dropout: float = 0.0):
+        super().__init__()
+        if len(domains) != 2:
+            raise ValueError(f"cross-connection units join two networks, got domains {domains}")
+        self.domains = list(domains)
+        self.layers = nn.ModuleDict({d: nn.ModuleList(nn.Linear(dim, dim) for _ in range(depth)) for d in domains})
+        self.cross = nn.ModuleList(nn.Linear(dim, dim, bias=False) for _ in range(depth))
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+
+    def forward(self, h: torch.Tensor, domain: str) -> torch.Tensor:
+        p, q = self.domains
+        a = {p: h, q: h}
+        for l, cross in enumerate(self.cross):
+            a = {p: self.dropout(F.relu(self.layers[p][l](a[p]) + cross(a[q]))),
+                 q: self.dropout(F.relu(self.layers[q][l](a[q]) + cross(a[p])))}
+        return a[domain]

@@ -1,4 +1,4 @@
-"""Joint-training baselines over heterogeneous inputs (CDAnet §5.1.2): Share-Bottom, MMoE, PLE, STAR.
+"""Joint-training baselines over heterogeneous inputs (CDAnet §5.1.2): Share-Bottom, MMoE, PLE, STAR, CoNet.
 
 Every model trains one objective per domain on mixed source + target batches and is
 evaluated on one domain (``eval_domain``, the target by default). Inputs go through
@@ -10,6 +10,8 @@ over the union of the fields instead (a field absent from a domain reads as zero
   tower per domain.
 * **MMoE** (Ma et al. 2018): shared experts, a gate per domain, a tower per domain.
 * **PLE** (Tang et al. 2020): shared and per-domain experts, progressive extraction.
+* **CoNet** (Hu et al. 2018; a CCTL Table 2 baseline): one MLP per domain, their layers joined by
+  shared cross-connection matrices; a batch runs both and reads its own domain's.
 * **STAR** (Sheng et al. 2021): partitioned normalisation, star-topology FC layers
   (shared ⊙ domain weights) down to the logit, plus an auxiliary network on the domain
   indicator.
@@ -28,7 +30,7 @@ import torch
 from torch import nn
 
 from raytrain_ctr.batch import Batch
-from raytrain_ctr.layers.experts import PLE, Bottom, MMoE, PartitionedNorm, StarLinear
+from raytrain_ctr.layers.experts import PLE, Bottom, CrossConnection, MMoE, PartitionedNorm, StarLinear
 from raytrain_ctr.layers.inputs import DomainInputs
 from raytrain_ctr.layers.mlp import MLP, tower
 from raytrain_ctr.methods.base import Method, Stage, StageContext, StageHooks
@@ -174,3 +176,11 @@ class STAR(Joint):
             raise SpecError("method 'star': its star-topology layers have one shape for every domain; "
                             "method_args.tower_depth must be one number")
         return Star(d, self.args["expert_depth"] + depths.pop(), list(DOMAINS), dropout)
+
+
+class CoNet(Joint):
+    name = "conet"
+    description = "joint: per-domain embeddings, two domain MLPs joined by cross-connection units (CoNet)"
+
+    def network(self, d: int, dropout: float) -> nn.Module:
+        return Towers(CrossConnection(d, self.args["expert_depth"], list(DOMAINS), dropout), self.towers(d, dropout))

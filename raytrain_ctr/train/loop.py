@@ -21,7 +21,7 @@ import json
 import os
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from raytrain_ctr.train.sync import GradientSync, all_reduce_sum, sparse_paramet
 
 MODEL_FILE = "model.pt"
 METRICS_FILE = "metrics.json"
+EXPORT_FILE = "export.pt"  # the served module's state, where a stage serves less than its model (CCTL: the pure tower)
 
 
 def stage_train_config(cfg: ExperimentConfig, overrides: dict[str, Any]) -> TrainConfig:
@@ -205,6 +206,7 @@ class StageJob:
     batch_sizes: dict[str, int]
     inputs: dict[str, str]
     run_dir: str
+    extra_columns: dict[str, tuple[str, ...]] = field(default_factory=dict)  # per train domain: diagnostics
 
     @property
     def train(self) -> TrainConfig:
@@ -226,7 +228,9 @@ def train_stage(config: dict) -> None:
     checkpointed = optimizers + [g.optimizer for g in ctx.groups.values()]
     sync = GradientSync(model, exclude=ctx.group_parameter_ids())
     encoders = {d: FeatureEncoder(specs[d]) for d in specs}
+    train_encoders = {d: FeatureEncoder(specs[d], job.extra_columns.get(d, ())) for d in stage.train_domains}
     empties = {d: e.empty() for d, e in encoders.items()} if is_sharded(model) else None
+    train_empties = {d: e.empty() for d, e in train_encoders.items()} if is_sharded(model) else None
 
     start_epoch, best, history, resumed_from = 0, {"auc": -1.0, "epoch": -1, "state": None, "bad": 0}, [], None
     checkpoint = ray.train.get_checkpoint()
@@ -256,14 +260,14 @@ def train_stage(config: dict) -> None:
         if best["bad"] >= tc.patience:
             break
         t0 = time.perf_counter()
-        its = {d: iter_domain(ray.train.get_dataset_shard(dataset_key(d, "train")), encoders[d], batch_sizes[d],
+        its = {d: iter_domain(ray.train.get_dataset_shard(dataset_key(d, "train")), train_encoders[d], batch_sizes[d],
                               shuffle_buffer=tc.shuffle_buffer, seed=tc.seed + epoch)
                for d in stage.train_domains}
         loss_sum, rows, steps = 0.0, 0, 0
         while True:
             batches = {d: b for d, it in its.items() if (b := next(it, None)) is not None}
-            if empties:
-                batches = {d: batches[d] if d in batches else empties[d] for d in its}
+            if train_empties:
+                batches = {d: batches[d] if d in batches else train_empties[d] for d in its}
             step_loss, n_global = train_step(model, ctx, batches, optimizers, sync)
             if n_global == 0:
                 break
@@ -289,4 +293,8 @@ def train_stage(config: dict) -> None:
     final = {"stage": stage.name, "method": job.method.name, "best_epoch": best["epoch"],
              "valid_auc": best["auc"], "resumed_from_epoch": resumed_from, "final": True,
              **{f"test_{k}": v for k, v in test.items()}}
-    report(final, {MODEL_FILE: unsharded_state(model), METRICS_FILE: {**final, "history": history}, **extra})
+    files = {MODEL_FILE: unsharded_state(model), METRICS_FILE: {**final, "history": history}, **extra}
+    served = stage.hooks.export(model, ctx)
+    if served is not model:
+        files[EXPORT_FILE] = unsharded_state(served)
+    report(final, files)
