@@ -43,7 +43,8 @@ SPACES["star"] = SPACES["conet"] = SPACES["share_bottom"]
 SPACES["cctl"] = {"method_args.alpha": {"uniform": [0.0, 1.0]}, "method_args.gamma": {"uniform": [0.5, 0.99]},
                   "method_args.k": {"choice": [5, 20, 100]}, "method_args.n": {"choice": [5, 10, 50]},
                   "method_args.ren_weight": {"loguniform": [1e-3, 1.0]},
-                  "method_args.selector_hidden": {"choice": [16, 64, 256]}}
+                  "method_args.selector_hidden": {"choice": [16, 64, 256]},
+                  "method_args.policy": {"choice": ["weight", "sample"]}}
 # CDAnet §5.4.2 (Figure 6): α, β, K experts; and expert depth, tower depth, d
 SPACES["cdanet"] = {**SPACES["mmoe"], "method_args.alpha": {"loguniform": [1e-3, 1.0]},
                     "method_args.beta": {"loguniform": [1e-3, 1.0]}}

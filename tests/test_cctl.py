@@ -113,9 +113,9 @@ def test_the_reward_has_the_sign_of_the_source_rows_help(tiny_data):
         assert r == pytest.approx(float(want), rel=1e-5) and r * sign > 0.1  # eq. 5: Loss_pure − Loss_tgt
 
 
-@pytest.mark.parametrize("alpha", [1.0, 0.0])
-def test_the_selector_moves_only_by_its_reinforce_step(tiny_data, alpha):
-    ds, model, ctx = setup(tiny_data, {"k": 2, "n": 3, "alpha": alpha})
+@pytest.mark.parametrize("alpha,policy", [(1.0, "weight"), (0.0, "weight"), (1.0, "sample")])
+def test_the_selector_moves_only_by_its_reinforce_step(tiny_data, alpha, policy):
+    ds, model, ctx = setup(tiny_data, {"k": 2, "n": 3, "alpha": alpha, "policy": policy})
     opts, sync = make_optimizers(model, TC, ctx), GradientSync(model, exclude=ctx.group_parameter_ids())
     selector = {id(p) for p in model.selector.parameters()}
     assert not any(id(p) in selector for o in opts for g in o.param_groups for p in g["params"])
@@ -127,6 +127,8 @@ def test_the_selector_moves_only_by_its_reinforce_step(tiny_data, alpha):
         moved.append(any(not torch.equal(a, b) for a, b in zip(before, model.selector.parameters())))
     # only at steps 3 and 6 (n = 3), and not at all when α = 0 (eq. 9 scales the step by α)
     assert moved == ([False, False, True, False, False, True] if alpha else [False] * 6)
+    _, act = ctx.stage.hooks.window[-1]  # the last step's source rows: sampled 0/1 selections, or none
+    assert act is None if policy == "weight" else set(act.unique().tolist()) == {0.0, 1.0}
     report = ctx.stage.hooks.artifacts(model, ctx)["selector.json"]
     assert report["steps"] == [3, 6] and report["final"]["rows_clean"] + report["final"]["rows_noise"] == 3 * 256
     assert len(report["final"]["histogram_clean"]) == BINS and 0 < report["final"]["mean_clean"] < 1
@@ -156,9 +158,16 @@ def test_bad_arguments_and_ablation_switches(tiny_data):
         get_method("cctl", {"k": 0})
     with pytest.raises(SpecError, match="gamma"):
         get_method("cctl", {"gamma": 1.5})
+    with pytest.raises(SpecError, match="policy: 'greedy'"):
+        get_method("cctl", {"policy": "greedy"})
     _, full, _ = setup(tiny_data, {})
+    _, wo_ren_model, _ = setup(tiny_data, {"ren": False})
     ds, model, ctx = setup(tiny_data, {"ifn": False})
     assert not ctx.groups and set(model.state_dict()) == set(full.state_dict())  # same model, no selector step
+    # REN's dual embedding: the source keeps its own id tables (ids and sequences over them) and its own
+    # fields; its other fields read the mixed tower's tables. Without REN it shares the id tables too.
+    assert set(model.source.inputs.embedding.tables) == {"user", "item", "src_channel"}
+    assert set(wo_ren_model.source.inputs.embedding.tables) == {"src_channel"}
     batches = {"source": rows(ds, "source", 0, 64), "target": rows(ds, "target", 0, 64)}
     with_ren = ctx.stage.hooks
     wo_ren = get_method("cctl", {"ifn": False, "ren": False}).stages[0].hooks

@@ -16,7 +16,16 @@ takes one REINFORCE step (eq. 9), ``Θ_ifn ← Θ_ifn + α·(1/N)·Σ_i ∇ log 
 source rows of the window, each step's rows credited with the discounted reward that followed
 them, ``r^accu_k = r_{k+1} + γ·r_{k+2} + …`` (a step's reward measures the updates before it).
 
-**REN** (§2.5). Each domain has its own embedding tables; ``Loss_ren = sim(v_id^s, v_id^t) −
+``policy: sample`` is an option beyond the paper: each source row is selected with probability
+``p_i`` (weight 1 or 0 in eq. 3) and REINFORCE scores the action taken, ``log p_i`` or
+``log(1 − p_i)``, against the window's mean return as a baseline. As written (``weight``), every
+row of a step shares one reward and eq. 9 moves every ``p_i`` the same way; sampling gives the
+rows of a step different credit, the usual way a data selector is trained by policy gradient.
+
+**REN** (§2.5). Each domain has its own id tables (the id fields' tables, read by the ids and the
+behaviour sequences: the dual embedding); the other fields of the source share the mixed tower's
+tables, and fields only the source has get tables of their own (``ren: false`` drops the dual
+embedding with the loss: the source then shares the id tables too). ``Loss_ren = sim(v_id^s, v_id^t) −
 sim(v_seq^s, v_seq^t)`` (eqs. 10–12, cosine, eq. 11) over the id fields and the mean-pooled
 behaviour sequences both domains have, per row of both batches, weighted by ``ren_weight``.
 
@@ -38,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raytrain_ctr.batch import Batch
-from raytrain_ctr.layers.inputs import FieldInputs
+from raytrain_ctr.layers.inputs import FieldInputs, dense_fields_of, embedding_for, tables_with_dim
 from raytrain_ctr.layers.mlp import MLP
 from raytrain_ctr.methods.base import Method, Stage, StageContext, StageHooks
 from raytrain_ctr.models.backbones import Backbone, ModelConfig
@@ -47,27 +56,37 @@ from raytrain_ctr.train.step import DiscountedReturn, ParamGroup, copy_parameter
 from raytrain_ctr.train.sync import all_reduce_sum
 
 SWITCHES = ("ifn", "ren")
+POLICIES = ("weight", "sample")  # eq. 9 as written; or Bernoulli selection (see the module docstring)
 BINS = 20  # the selector-weight histogram of Figure 5(a)
 
 
 class Tokens(nn.Module):
     """A domain's semantic tokens (§2.4.1): per group (user, item, context), its fields' embeddings
-    and dense values concatenated (eqs. 2, 6), over the domain's own embedding tables (§2.5)."""
+    and dense values concatenated (eqs. 2, 6). The tables of ``own`` fields (default: all) are this
+    module's; the other fields are read from a ``shared`` embedding layer passed to ``forward``."""
 
-    def __init__(self, spec: DomainSpec, cfg: ModelConfig):
+    def __init__(self, spec: DomainSpec, cfg: ModelConfig, own: list[str] | None = None):
         super().__init__()
-        self.inputs = FieldInputs.of([spec], cfg)
+        sparse = [f for f in spec.sparse_fields if own is None or f.name in own]
+        self.inputs = FieldInputs(embedding_for([spec], sparse, cfg), dense_fields_of([spec]))
+        tables = tables_with_dim(spec.tables, cfg.embedding_dim)
+        pooled = [f for f in spec.sparse_fields if f.type == "categorical" or f.pooling != "none"]
+        self.dim = {f.name: tables[f.table].dim for f in pooled}
+        self.pooled = {g: [f.name for f in pooled if f.group == g] for g in GROUPS}
         group = {f.name: f.group for f in spec.fields}
-        self.pooled = {g: [n for n in self.inputs.pooled_names if group[n] == g] for g in GROUPS}
         self.dense = {g: [i for i, n in enumerate(self.inputs.dense_fields) if group[n] == g] for g in GROUPS}
-        self.dims = {g: sum(self.inputs.embedding.dim(n) for n in self.pooled[g]) + len(self.dense[g]) for g in GROUPS}
+        self.dims = {g: sum(self.dim[n] for n in self.pooled[g]) + len(self.dense[g]) for g in GROUPS}
 
     def fields(self, g: str) -> list[str]:
         return self.pooled[g] + [self.inputs.dense_fields[i] for i in self.dense[g]]
 
-    def forward(self, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """(tokens by group, the embedding layer's outputs by field)."""
-        emb, dense = self.inputs.embedding(batch), self.inputs.dense(batch)
+    def forward(self, batch: Batch, shared: nn.Module | None = None
+                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(tokens by group, the field embeddings by name: this module's, else ``shared``'s)."""
+        emb = self.inputs.embedding(batch)
+        if shared is not None:
+            emb = {**shared(batch), **emb}
+        dense = self.inputs.dense(batch)
         tokens = {g: torch.cat([*(emb[n] for n in self.pooled[g]), dense[:, self.dense[g]]], -1) for g in GROUPS}
         return tokens, emb
 
@@ -105,7 +124,8 @@ class SAN(nn.Module):
 
 
 class CCTLModel(nn.Module):
-    """SCN's mixed and pure towers, the source domain's own tokens and SAN, and the selector."""
+    """SCN's mixed and pure towers, the source domain's tokens (its own id tables and the fields the
+    target lacks; the other fields read the mixed tower's tables), SAN, and the selector."""
 
     def __init__(self, mixed: Tower, pure: Tower, source: Tokens, selector_hidden: int):
         super().__init__()
@@ -116,7 +136,7 @@ class CCTLModel(nn.Module):
 
     def aligned(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """A source batch's aligned vector (eq. 7) and its embeddings by field."""
-        tokens, emb = self.source(batch)
+        tokens, emb = self.source(batch, shared=self.mixed.tokens.inputs.embedding)
         return self.san(tokens), emb
 
     def weight(self, v: torch.Tensor) -> torch.Tensor:
@@ -145,6 +165,15 @@ def shared_fields(specs: dict[str, DomainSpec], kind: str) -> list[str]:
     return out
 
 
+def own_fields(specs: dict[str, DomainSpec], dual: bool = True) -> list[str]:
+    """The source fields with tables of their own: those the target lacks, and with REN's dual
+    embedding (§2.5, ``dual``) those reading the id fields' tables (the ids and the behaviour
+    sequences over them). The others share the mixed tower's tables, so the source rows train them."""
+    target = {f.name: f.table for f in specs["target"].sparse_fields}
+    id_tables = {specs["source"].field(n).table for n in shared_fields(specs, "id")} if dual else set()
+    return [f.name for f in specs["source"].sparse_fields if f.table in id_tables or target.get(f.name) != f.table]
+
+
 class CCTLHooks(StageHooks):
     """The CCTL stage: SCN losses and reward, IFN's REINFORCE window, REN, the k-step sync."""
 
@@ -158,16 +187,16 @@ class CCTLHooks(StageHooks):
         if a["ren"] and not (shared_fields(ctx.specs, "id") and shared_fields(ctx.specs, "seq")):
             raise SpecError("method 'cctl': REN needs an id field and a sequence field in both domains "
                             "(set method_args.ren: false)")
-        target = ctx.specs["target"]
-        return CCTLModel(Tower(target, cfg), Tower(target, cfg), Tokens(ctx.specs["source"], cfg),
-                         int(a["selector_hidden"]))
+        source, target = ctx.specs["source"], ctx.specs["target"]
+        own = own_fields(ctx.specs, dual=bool(a["ren"]))
+        return CCTLModel(Tower(target, cfg), Tower(target, cfg), Tokens(source, cfg, own), int(a["selector_hidden"]))
 
     def prepare(self, model: nn.Module, ctx: StageContext) -> None:
         """The towers start equal (§2.3.4: they differ only by the source rows); the step state starts
         empty (in each worker: what the driver sent is read-only)."""
         copy_parameters(model.mixed, model.pure)
         self.id_fields, self.seq_fields = shared_fields(ctx.specs, "id"), shared_fields(ctx.specs, "seq")
-        self.window: list[torch.Tensor | None] = []  # per step of the window: the selector's inputs
+        self.window: list[tuple | None] = []  # per step of the window: the selector's inputs (and sampled actions)
         self.rewards: list[float] = []  # per step of the window: its r (eq. 5)
         self.step_losses, self.step_source = (0.0, 0.0, 0), None
         self.trace: list[dict[str, Any]] = []  # per selector update: weight histograms (Figure 5(a))
@@ -200,8 +229,10 @@ class CCTLHooks(StageHooks):
         if source is not None:
             v, source_emb = model.aligned(source)
             p = model.weight(v) if a["ifn"] else torch.ones(len(source))
-            total = total + (p.detach() * bce_rows(model.mixed.head(v), source.label)).sum()  # eq. 3, source
-            self.step_source = v.detach()
+            act = torch.bernoulli(p.detach()) if a["ifn"] and a["policy"] == "sample" else None
+            weight = p.detach() if act is None else act
+            total = total + (weight * bce_rows(model.mixed.head(v), source.label)).sum()  # eq. 3, source
+            self.step_source = (v.detach(), act)
             if a["ifn"]:
                 self.observe(p.detach(), source.extra.get("is_noise"))
         else:
@@ -218,7 +249,7 @@ class CCTLHooks(StageHooks):
         for batch, own, other in ((target, target_emb, model.source), (source, source_emb, model.mixed.tokens)):
             if batch is None or not len(batch):
                 continue
-            _, theirs = other(batch)
+            _, theirs = other(batch, shared=model.mixed.tokens.inputs.embedding if other is model.source else None)
             for names, sign in ((self.id_fields, 1.0), (self.seq_fields, -1.0)):
                 for n in names:
                     total = total + sign * F.cosine_similarity(own[n], theirs[n], dim=-1).sum()
@@ -249,11 +280,17 @@ class CCTLHooks(StageHooks):
         accu = DiscountedReturn(float(a["gamma"]))
         for k in reversed(range(len(steps))):  # r^accu_k = r_{k+1} + γ·r^accu_{k+1}
             returns[k] = accu.add(rewards[k])
-        (n_global,) = all_reduce_sum([sum(len(v) for v in steps if v is not None)])
+        if a["policy"] == "sample" and returns:  # REINFORCE with the window's mean return as baseline
+            returns = [r - float(np.mean(returns)) for r in returns]
+        (n_global,) = all_reduce_sum([sum(len(e[0]) for e in steps if e is not None)])
         loss = torch.zeros(())
-        for v, r in zip(steps, returns):
-            if v is not None and len(v):
-                loss = loss - r * torch.log(model.weight(v).clamp(min=1e-6)).sum()
+        for entry, r in zip(steps, returns):
+            if entry is None or not len(entry[0]):
+                continue
+            v, act = entry
+            p = model.weight(v).clamp(1e-6, 1 - 1e-6)
+            log_pi = torch.log(p) if act is None else act * torch.log(p) + (1 - act) * torch.log(1 - p)
+            loss = loss - r * log_pi.sum()
         ctx.update("selector", float(a["alpha"]) * loss / max(n_global, 1.0))
         self.window, self.rewards = self.window[-1:], self.rewards[-1:]
         totals = all_reduce_sum(self.counts.reshape(-1).tolist())
@@ -321,7 +358,8 @@ class CCTL(Method):
     name = "cctl"
     description = "symmetric companion towers, a REINFORCE-trained source-sample selector, contrastive REN"
     arg_defaults: dict[str, Any] = {"alpha": 1.0, "gamma": 0.8, "k": 20, "n": 10, "ren_weight": 0.1,
-                                    "selector_hidden": 64, "selector_lr": 1e-3, **{s: True for s in SWITCHES}}
+                                    "selector_hidden": 64, "selector_lr": 1e-3, "policy": "weight",
+                                    **{s: True for s in SWITCHES}}
 
     @property
     def stages(self) -> list[Stage]:
@@ -331,4 +369,6 @@ class CCTL(Method):
                 raise SpecError(f"method_args.{key}: a number of steps ≥ 1, got {a[key]!r}")
         if not 0 <= float(a["gamma"]) <= 1:
             raise SpecError(f"method_args.gamma: a discount in [0, 1], got {a['gamma']}")
+        if a["policy"] not in POLICIES:
+            raise SpecError(f"method_args.policy: '{a['policy']}' is not one of {list(POLICIES)}")
         return [Stage("cctl", ("source", "target"), hooks=CCTLHooks(dict(a)), diagnostics=("is_noise",))]
