@@ -31,9 +31,9 @@ behaviour sequences both domains have, per row of both batches, weighted by ``re
 
 **Serving** (§3.4): the pure tower alone (``export``), with Target-only's interface; it is also
 what the stage evaluates. The ablations of Table 3 are ``ifn: false`` (every source row weighted 1,
-no selector) and ``ren: false``; α is Figure 5(b)'s sensitivity. When the data carries the
-generator's ``is_noise`` column, the stage's artifact holds ``selector.json`` and ``selector.png``
-(Figure 5(a)): the selector's weights over training on noisy and clean source rows.
+no selector) and ``ren: false``; α is Figure 5(b)'s sensitivity. The stage's artifact holds
+``selector.json`` and ``selector.png`` (Figure 5(a)): the selector's weights over training, on
+noisy and clean source rows apart where the data has the generator's ``is_noise`` column.
 """
 
 from __future__ import annotations
