@@ -1,10 +1,13 @@
-"""Helpers shared by the tests: whole splits as one batch, a saved model's metrics in one process."""
+"""Helpers shared by the tests: whole splits as one batch, a saved model's metrics in one process,
+worker processes on a gloo group."""
 
+import socket
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+import torch.multiprocessing as mp
 
 from raytrain_ctr.data.dataset import CTRDataset
 from raytrain_ctr.data.encode import Batch, FeatureEncoder
@@ -28,3 +31,12 @@ def local_test_metrics(data: str, model_cfg: ModelConfig, artifact: str) -> tupl
     with torch.no_grad():
         probs = torch.sigmoid(model(batch)).numpy()
     return summarize(batch.label.numpy(), probs, batch.user.numpy()), len(batch)
+
+
+def spawn(worker, *args, nprocs: int = 2) -> None:
+    """Run ``worker(rank, nprocs, port, *args)`` in ``nprocs`` processes, ``port`` a free loopback
+    port for their gloo process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(nprocs, port, *args), nprocs=nprocs, join=True)

@@ -4,7 +4,6 @@ and the stage end to end on a real local Ray with sharded tables."""
 
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -13,8 +12,7 @@ import pytest
 import ray.cloudpickle
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from helpers import load
+from helpers import load, spawn
 
 from raytrain_ctr import pipeline
 from raytrain_ctr.config import TrainConfig, from_dict
@@ -83,10 +81,7 @@ def worker(rank: int, world: int, port: int, data: str, out: str) -> None:
 @pytest.fixture(scope="module")
 def two_workers(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("cctl")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(worker, args=(2, port, tiny_data, str(out)), nprocs=2, join=True)
+    spawn(worker, tiny_data, str(out))
     return out
 
 

@@ -1,12 +1,11 @@
 """Two gloo workers, each stepping on half of a batch, make the same update as one process on all of it."""
 
 import os
-import socket
 
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from helpers import spawn
 
 from raytrain_ctr.config import TrainConfig
 from raytrain_ctr.data.dataset import CTRDataset
@@ -40,10 +39,7 @@ def worker(rank: int, world: int, port: int, data: str, out: str) -> None:
 
 
 def test_two_workers_equal_one_process(tiny_data, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(worker, args=(2, port, tiny_data, str(tmp_path)), nprocs=2, join=True)
+    spawn(worker, tiny_data, str(tmp_path))
     single = steps(tiny_data, 0, 1)
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     for k in single:

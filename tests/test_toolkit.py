@@ -6,7 +6,6 @@ equals local), attention and gate layers, driver-side checks."""
 
 import datetime as dt
 import os
-import socket
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -16,8 +15,7 @@ import pytest
 import ray.cloudpickle
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from helpers import load
+from helpers import load, spawn
 from torch import nn
 
 from raytrain_ctr import pipeline
@@ -202,10 +200,7 @@ def worker(rank: int, world: int, port: int, data: str, out: str) -> None:
 @pytest.fixture(scope="module")
 def two_workers(tiny_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("toolkit")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(worker, args=(2, port, tiny_data, str(out)), nprocs=2, join=True)
+    spawn(worker, tiny_data, str(out))
     return out
 
 
