@@ -92,6 +92,11 @@ class FieldSpec:
     def is_sparse(self) -> bool:
         return self.type in ("categorical", "sequence")
 
+    @property
+    def is_pooled(self) -> bool:
+        """Read as one vector per row: a categorical field, or a pooled sequence."""
+        return self.type == "categorical" or (self.type == "sequence" and self.pooling != "none")
+
 
 _FIELD_KEYS = {"name", "type", "table", "group", "scope", "ids", "vocab", "max_len", "pooling", "dim"}
 _DOMAIN_KEYS = {"domain", "label", "user_id", "time", "tables", "fields"}

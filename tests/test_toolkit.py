@@ -523,12 +523,14 @@ def test_discounted_return_accumulates_and_resumes():
     assert copy.pop() == pytest.approx(1.24) and copy.value.item() == 0.0
 
 
-def test_stage_context_exposes_the_first_input_as_upstream(tiny_data, tmp_path):
+def test_stage_context_holds_each_input_state_by_name(tiny_data, tmp_path):
     _, specs = tiny_specs(tiny_data)
-    torch.save(build_model(list(specs.values()), MCFG).state_dict(), tmp_path / "p.pt")
+    state = build_model(list(specs.values()), MCFG).state_dict()
+    torch.save(state, tmp_path / "p.pt")
     m = get_method("finetune")
     _, ctx = build_stage_model(m, m.stage("finetune"), specs, MCFG, str(tmp_path / "p.pt"))
-    assert isinstance(ctx, StageContext) and ctx.upstream is ctx.inputs["pretrain"]
+    assert isinstance(ctx, StageContext) and set(ctx.inputs) == {"pretrain"}
+    assert all(torch.equal(ctx.inputs["pretrain"][k], v) for k, v in state.items())
 
 
 class HalfWeighted(StageHooks):

@@ -43,12 +43,12 @@ class Embedding(nn.Module, ABC):
     @property
     def pooled_fields(self) -> list[FieldSpec]:
         """Fields read as one vector per row: categorical ones and pooled sequences."""
-        return [f for f in self.fields if f.type == "categorical" or f.pooling != "none"]
+        return [f for f in self.fields if f.is_pooled]
 
     @property
     def sequence_fields(self) -> list[FieldSpec]:
         """Sequence fields read unpooled, ``[B, L, dim]`` (``pooling: none``)."""
-        return [f for f in self.fields if f.type == "sequence" and f.pooling == "none"]
+        return [f for f in self.fields if f.type == "sequence" and not f.is_pooled]
 
     def field(self, name: str) -> FieldSpec:
         for f in self.fields:
@@ -62,10 +62,6 @@ class Embedding(nn.Module, ABC):
     @abstractmethod
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Pooled fields ``[B, dim]`` and unpooled sequence fields ``[B, L, dim]``, by name."""
-
-    def pooled(self, batch: Batch) -> dict[str, torch.Tensor]:
-        names = {f.name for f in self.pooled_fields}
-        return {k: v for k, v in self(batch).items() if k in names}
 
     def sequence(self, batch: Batch, field: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``([B, L, dim], mask [B, L])`` of an unpooled sequence field (mask: a real item)."""

@@ -122,11 +122,6 @@ class StageContext:
     step: int = 0  # optimisation steps of this stage so far: the same on every worker; resumes with the stage
     groups: dict[str, GroupOptimizer] = field(default_factory=dict)
 
-    @property
-    def upstream(self) -> dict[str, torch.Tensor] | None:
-        """The state of the stage's first input (None without one)."""
-        return next(iter(self.inputs.values()), None)
-
     def update(self, group: str, loss: torch.Tensor) -> None:
         """One step of parameter group ``group`` on ``loss`` by its own optimizer and sync rule.
         Every worker calls it at the same step (a collective when the group syncs)."""

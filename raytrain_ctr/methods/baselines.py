@@ -23,7 +23,7 @@ from raytrain_ctr.batch import Batch
 from raytrain_ctr.layers.inputs import embedding_for
 from raytrain_ctr.methods.base import Input, Method, Stage, StageContext, StageHooks
 from raytrain_ctr.models.backbones import Backbone, CTRModel
-from raytrain_ctr.spec import SpecError, merge_tables
+from raytrain_ctr.spec import FieldSpec, SpecError, TableSpec, merge_tables
 
 PRETRAIN_DOMAINS = {"source": ("source",), "all": ("source", "target")}
 
@@ -132,13 +132,11 @@ class PlugInModel(CTRModel):
         return torch.cat([x0, *[plugged[n] for n in self.plug_names]], dim=-1), None
 
 
-def id_fields(ctx: StageContext) -> list:
-    """Per group (user, item), the categorical field with the largest table: the id fields."""
-    tables = merge_tables(list(ctx.specs.values()))
+def id_fields(fields: list[FieldSpec], tables: dict[str, TableSpec]) -> list[FieldSpec]:
+    """Per group (user, item), the categorical field of ``fields`` with the largest table: the id fields."""
     chosen = []
     for group in ("user", "item"):
-        cands = [f for s in ctx.specs.values() for f in s.sparse_fields
-                 if f.group == group and f.type == "categorical"]
+        cands = [f for f in fields if f.group == group and f.type == "categorical"]
         if cands:
             chosen.append(max(cands, key=lambda f: tables[f.table].num_embeddings))
     return list({f.name: f for f in chosen}.values())
@@ -151,7 +149,8 @@ class PlugInHooks(StageHooks):
         if ctx.model_cfg.backbone == "deepfm":
             raise SpecError("method 'keep' plugs extra features into the deep input; use dnn, dcn or dcnv2")
         specs = list(ctx.specs.values())
-        return PlugInModel(super().build(ctx), embedding_for(specs, id_fields(ctx), ctx.model_cfg), ctx.model_cfg)
+        ids = id_fields([f for s in specs for f in s.sparse_fields], merge_tables(specs))
+        return PlugInModel(super().build(ctx), embedding_for(specs, ids, ctx.model_cfg), ctx.model_cfg)
 
 
 class KEEP(Method):

@@ -50,6 +50,7 @@ from raytrain_ctr.batch import Batch
 from raytrain_ctr.layers.inputs import FieldInputs, dense_fields_of, embedding_for, tables_with_dim
 from raytrain_ctr.layers.mlp import MLP
 from raytrain_ctr.methods.base import Method, Stage, StageContext, StageHooks
+from raytrain_ctr.methods.baselines import id_fields
 from raytrain_ctr.models.backbones import Backbone, ModelConfig
 from raytrain_ctr.spec import GROUPS, DomainSpec, SpecError
 from raytrain_ctr.train.step import DiscountedReturn, ParamGroup, copy_parameters
@@ -70,7 +71,7 @@ class Tokens(nn.Module):
         sparse = [f for f in spec.sparse_fields if own is None or f.name in own]
         self.inputs = FieldInputs(embedding_for([spec], sparse, cfg), dense_fields_of([spec]))
         tables = tables_with_dim(spec.tables, cfg.embedding_dim)
-        pooled = [f for f in spec.sparse_fields if f.type == "categorical" or f.pooling != "none"]
+        pooled = [f for f in spec.sparse_fields if f.is_pooled]
         self.dim = {f.name: tables[f.table].dim for f in pooled}
         self.pooled = {g: [f.name for f in pooled if f.group == g] for g in GROUPS}
         group = {f.name: f.group for f in spec.fields}
@@ -157,12 +158,7 @@ def shared_fields(specs: dict[str, DomainSpec], kind: str) -> list[str]:
     both = [f for f in specs["target"].sparse_fields if f.name in {g.name for g in specs["source"].sparse_fields}]
     if kind == "seq":
         return [f.name for f in both if f.type == "sequence"]
-    out = []
-    for group in ("user", "item"):
-        cands = [f for f in both if f.group == group and f.type == "categorical"]
-        if cands:
-            out.append(max(cands, key=lambda f: specs["target"].tables[f.table].num_embeddings).name)
-    return out
+    return [f.name for f in id_fields(both, specs["target"].tables)]
 
 
 def own_fields(specs: dict[str, DomainSpec], dual: bool = True) -> list[str]:
