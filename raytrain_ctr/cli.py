@@ -1,7 +1,7 @@
 """``raytrain-ctr``: the command line.
 
     raytrain-ctr synth --out DIR [--rows N] [--seed S] [--preset NAME]
-    raytrain-ctr movielens --out DIR [--from PATH] [--split random|time]
+    raytrain-ctr movielens --out DIR [--from PATH] [--split random|time] [--variant gender|entities]
     raytrain-ctr validate DIR
     raytrain-ctr ingest DIR [--workers N]          stream a dataset through Train workers
     raytrain-ctr run --config YAML [--variant V] [--stage S] [--force] [--as-of DATE] [--set KEY=VALUE ...]
@@ -43,7 +43,7 @@ def cmd_synth(a: argparse.Namespace) -> None:
 def cmd_movielens(a: argparse.Namespace) -> None:
     from raytrain_ctr.data.movielens import prepare
 
-    counts = prepare(a.out, a.source, split=a.split, seed=a.seed)
+    counts = prepare(a.out, a.source, split=a.split, seed=a.seed, variant=a.variant)
     for dom, c in counts.items():
         print(f"{dom}: {sum(c.values()):,} rows (" + ", ".join(f"{k} {v:,}" for k, v in c.items()) + ")")
 
@@ -155,7 +155,7 @@ def cmd_demo(a: argparse.Namespace) -> None:
     try:
         CTRDataset.load(a.data)
     except DataError:
-        cmd_movielens(argparse.Namespace(out=a.data, source=None, split="random", seed=0))
+        cmd_movielens(argparse.Namespace(out=a.data, source=None, split="random", seed=0, variant="gender"))
     a = argparse.Namespace(config=a.config, variant=None, set=[f"data={a.data}"], methods=DEMO_METHODS,
                            seeds=a.seeds, out=a.out, reference=None)
     cmd_compare(a)
@@ -179,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--from", dest="source", default=None, help="folder with ml-100k or ml-1m files")
     s.add_argument("--split", choices=("random", "time"), default="random")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--variant", choices=("gender", "entities"), default="gender",
+                   help="gender: male→female users; entities: catalogue→new-release movies (MKT)")
     s.set_defaults(func=cmd_movielens)
 
     s = sub.add_parser("validate", help="check a dataset against its specs and summarise it")

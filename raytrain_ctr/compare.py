@@ -3,7 +3,9 @@
 Each entry is ``METHOD`` or ``METHOD:key=value,key=value`` (method args), e.g.
 ``finetune:pretrain=all``. Every (entry, seed) runs through :func:`pipeline.run`, so
 plain stages shared by several methods (Source-only training = Fine-Tune's pre-training)
-train once. Writes ``leaderboard.md`` (target AUC, LogLoss, GAUC as mean ± std),
+train once. Writes ``leaderboard.md`` (target AUC, LogLoss, GAUC as mean ± std, paired t-tests
+of AUC and GAUC against a reference entry, and the per-user-activity breakdown where the runs
+have one),
 ``leaderboard.json`` (every run) and ``leaderboard.png``.
 """
 
@@ -42,6 +44,7 @@ class Entry:
 
 
 METRICS = (("test_auc", "AUC", True), ("test_logloss", "LogLoss", False), ("test_gauc", "GAUC", True))
+TESTED = ("test_auc", "test_gauc")  # each gets a paired t-test against the reference
 
 
 def mean_std(values: list[float]) -> str:
@@ -71,7 +74,8 @@ def compare(base: ExperimentConfig, entries: list[Entry], seeds: list[int], out:
                                        "name": f"{e.label}-s{seed}"})
             final = pipeline.final_metrics(pipeline.run(cfg), cfg)
             runs.append({"entry": e.label, "seed": seed, "artifact": final["artifact"],
-                         **{k: final[k] for k, _, _ in METRICS}})
+                         **{k: final[k] for k, _, _ in METRICS},
+                         **({"by_activity": final["test_by_activity"]} if "test_by_activity" in final else {})})
     rows = []
     for e in entries:
         mine = [r for r in runs if r["entry"] == e.label]
@@ -82,7 +86,9 @@ def compare(base: ExperimentConfig, entries: list[Entry], seeds: list[int], out:
     if ref is None:
         raise ValueError(f"reference '{reference}' is not one of the entries {[r['entry'] for r in rows]}")
     for r in rows:
-        r["reference"], r["p_auc"] = reference, paired_p(r["test_auc"], ref["test_auc"])
+        r["reference"] = reference
+        for k in TESTED:
+            r[f"p_{k[5:]}"] = paired_p(r[k], ref[k])
     write(rows, runs, base, seeds, out)
     return rows
 
@@ -90,7 +96,9 @@ def compare(base: ExperimentConfig, entries: list[Entry], seeds: list[int], out:
 def markdown(rows: list[dict], title: str) -> str:
     best = {k: (max if up else min)(np.mean(r[k]) for r in rows) for k, _, up in METRICS}
     tested = "reference" in rows[0]
-    head = [n for _, n, _ in METRICS] + ([f"p (AUC vs {rows[0]['reference']})"] if tested else [])
+    names = dict((k, n) for k, n, _ in METRICS)
+    head = [n for _, n, _ in METRICS] + ([f"p ({names[k]} vs {rows[0]['reference']})" for k in TESTED]
+                                         if tested else [])
     lines = [f"**{title}**", "", "| method | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
     for r in rows:
         cells = []
@@ -98,8 +106,30 @@ def markdown(rows: list[dict], title: str) -> str:
             cell = mean_std(r[k])
             cells.append(f"**{cell}**" if np.isclose(np.mean(r[k]), best[k]) else cell)
         if tested:
-            cells.append("—" if r["p_auc"] is None else f"{r['p_auc']:.3f}")
+            cells += ["—" if r[f"p_{k[5:]}"] is None else f"{r[f'p_{k[5:]}']:.3f}" for k in TESTED]
         lines.append(f"| {r['entry']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def activity_markdown(runs: list[dict], entries: list[str]) -> str:
+    """Test AUC and GAUC per user-activity bucket (MKT Table 3), mean ± std over seeds; empty when
+    the runs have no breakdown (``train.activity_buckets`` unset)."""
+    runs = [r for r in runs if "by_activity" in r]
+    buckets = list(dict.fromkeys(b for r in runs for b in r["by_activity"]))
+    if not buckets:
+        return ""
+    head = [f"{b} {m}" for b in buckets for m in ("AUC", "GAUC")]
+    lines = ["", "**by user activity (the user's clicks in the target train split)**", "",
+             "| method | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+    for e in entries:
+        mine = [r["by_activity"] for r in runs if r["entry"] == e]
+        if not mine:
+            continue
+        cells = [mean_std([m[b][k] for m in mine if b in m]) if any(b in m for m in mine) else "—"
+                 for b in buckets for k in ("auc", "gauc")]
+        lines.append(f"| {e} | " + " | ".join(cells) + " |")
+    users = {b: max(r["by_activity"][b]["users"] for r in runs if b in r["by_activity"]) for b in buckets}
+    lines += ["", "users per bucket: " + ", ".join(f"{b}: {n}" for b, n in users.items())]
     return "\n".join(lines) + "\n"
 
 
@@ -108,7 +138,7 @@ def write(rows: list[dict], runs: list[dict], base: ExperimentConfig, seeds: lis
     path.mkdir(parents=True, exist_ok=True)
     title = (f"target-domain test metrics, {Path(base.data).name}, backbone {base.model.backbone}, "
              f"seeds {seeds} (mean ± std)")
-    (path / "leaderboard.md").write_text(markdown(rows, title))
+    (path / "leaderboard.md").write_text(markdown(rows, title) + activity_markdown(runs, [r["entry"] for r in rows]))
     (path / "leaderboard.json").write_text(json.dumps({"runs": runs, "rows": rows, "config": base.to_dict()},
                                                       indent=2, default=str))
     plot(rows, path / "leaderboard.png", title)

@@ -47,8 +47,14 @@ class TrainConfig:
     max_failures: int = 1           # worker failures survived per stage (resume from last checkpoint)
     deterministic: bool = False     # keep block order (reproducible data order, slower)
     fail_once_at_epoch: int | None = None  # testing aid: a worker dies once at this epoch's start
+    activity_buckets: tuple[int, ...] = ()  # edges of user-activity buckets (clicks in the evaluated domain's
+    #                                         train split) the test metrics are broken down by (MKT Table 3: [10, 30])
 
     def __post_init__(self) -> None:
+        edges = list(self.activity_buckets)
+        if any(not isinstance(e, int) or e < 1 for e in edges) or edges != sorted(set(edges)):
+            raise SpecError(f"train.activity_buckets: increasing click counts ≥ 1, got {edges}")
+        object.__setattr__(self, "activity_buckets", tuple(edges))
         if self.sparse_optimizer not in SPARSE_OPTIMIZERS:
             raise SpecError(f"train.sparse_optimizer: unknown optimizer '{self.sparse_optimizer}' "
                             f"(one of {list(SPARSE_OPTIMIZERS)})")

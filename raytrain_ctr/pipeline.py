@@ -2,8 +2,9 @@
 
 Stage artifacts are content-addressed: ``STORAGE/stages/STAGE-KEY/{model.pt,metrics.json}``
 (``plain-KEY`` for plain supervised stages)
-where KEY hashes everything that determines the result (data, domains, model and train
-configs, the method where the stage is not plain supervised training, freeze rules, time
+where KEY hashes everything that determines the result (data path and version: the specs and
+every file's name, size and modification time; domains, model and train configs, the method's
+arguments the stage declares where it is not plain supervised training, freeze rules, time
 windows resolved against the run's ``as_of``, and each input's load rule and upstream artifact).
 So a stage whose artifacts exist is skipped (a
 re-submitted job resumes where it stopped), and Source-only's training is the very
@@ -33,10 +34,11 @@ import torch
 from raytrain_ctr.catalog import Catalog
 from raytrain_ctr.config import ExperimentConfig
 from raytrain_ctr.data.dataset import CTRDataset, DataError, join, resolve
-from raytrain_ctr.data.ingest import ExactlyOnceDataConfig, TimeWindow, read_split
+from raytrain_ctr.data.ingest import ExactlyOnceDataConfig, TimeWindow, read_split, user_clicks
 from raytrain_ctr.methods import Method, Stage, StageContext, get_method
 from raytrain_ctr.spec import SpecError
 from raytrain_ctr.train.loop import METRICS_FILE, MODEL_FILE, StageJob, dataset_key, stage_train_config, train_stage
+from raytrain_ctr.train.metrics import Activity
 
 log = logging.getLogger(__name__)
 
@@ -112,10 +114,12 @@ def catalog(cfg: ExperimentConfig) -> Catalog:
 
 def resolve_stages(cfg: ExperimentConfig, method: Method) -> dict[str, Resolved]:
     """Every stage's key, family and input artifacts. The key changes whenever anything that shapes
-    the stage's result changes: data, domains, model and train configs, the method where the
-    stage is not plain, the freeze rules, the time windows resolved against ``as_of``, and each
+    the stage's result changes: data (its version too: rewritten data is new data), domains, model and
+    train configs, the method's arguments the stage declares where it is not plain, the freeze rules,
+    the time windows resolved against ``as_of``, and each
     input's load rule and upstream artifact (``latest`` inputs: the catalog's answer as of the date)."""
     as_of, cat, out = as_of_date(cfg), catalog(cfg), {}
+    version = CTRDataset.load(cfg.data).fingerprint()
     keys: dict[str, str] = {}
     for st in method.stages:
         tc = asdict(stage_train_config(cfg, st.overrides))
@@ -123,7 +127,8 @@ def resolve_stages(cfg: ExperimentConfig, method: Method) -> dict[str, Resolved]
             tc.pop(k)
         ident = {
             "data": cfg.data if "://" in cfg.data else str(Path(cfg.data).absolute()),
-            "method": None if st.plain else [cfg.method, sorted(method.args.items())],
+            "method": None if st.plain else [cfg.method, sorted((k, v) for k, v in method.args.items()
+                                                                if st.args is None or k in st.args)],
             "stage": [st.name if not st.plain else None, st.train_domains, st.eval_domain, st.freeze],
             "model": asdict(cfg.model), "train": tc,
         }
@@ -143,7 +148,7 @@ def resolve_stages(cfg: ExperimentConfig, method: Method) -> dict[str, Resolved]
                 key_inputs[name], dirs[name] = [*rule, artifact_name(up, keys)], stage_dir(cfg, up, keys)
         family = _digest({**ident, "windows": [w and asdict(w) for w in windows], "inputs": fam_inputs})
         resolved = [w and (w.dates(as_of) if as_of else None) for w in windows]
-        key = _digest({**ident, "windows": resolved, "inputs": key_inputs})
+        key = _digest({**ident, "windows": resolved, "inputs": key_inputs, "data_version": version})
         out[st.name] = Resolved(key, family, dirs)
         keys[st.name] = key
     return out
@@ -223,12 +228,15 @@ def run_stage(cfg: ExperimentConfig, method: Method, dataset: CTRDataset, stage:
     for split in ("valid", "test"):
         splits[dataset_key(stage.eval_domain, split)] = read_split(dataset, stage.eval_domain, split,
                                                                    window=eval_window, cache_below_bytes=cache)
+    activity = None
+    if tc.activity_buckets and dataset.domain(stage.eval_domain).spec.user_id:
+        activity = Activity(*user_clicks(dataset, stage.eval_domain, train_window), tc.activity_buckets)
     name = artifact_name(stage, resolved.key)
     storage = _storage(cfg, "_ray")
     run_name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}" if fresh else name
     job = StageJob(cfg=cfg, method=method, stage=stage, specs={d: dataset.domain(d).spec for d in dataset.domains},
                    batch_sizes=batch_sizes(dataset, stage.train_domains, tc.batch_size), inputs=inputs,
-                   extra_columns=extra,
+                   extra_columns=extra, activity=activity,
                    run_dir=str(Path(storage) / run_name) if "://" not in storage else tempfile.mkdtemp())
     trainer = TorchTrainer(
         train_stage,

@@ -45,6 +45,12 @@ SPACES["cctl"] = {"method_args.alpha": {"uniform": [0.0, 1.0]}, "method_args.gam
                   "method_args.ren_weight": {"loguniform": [1e-3, 1.0]},
                   "method_args.selector_hidden": {"choice": [16, 64, 256]},
                   "method_args.policy": {"choice": ["weight", "sample"]}}
+# MKT §3.2–3.3: γ (eq. 13), d_HFA (eq. 8), the CKE's PLE experts and levels, the gate plugging MEM into TEM
+SPACES["mkt"] = {"method_args.gamma": {"loguniform": [1e-3, 1.0]}, "method_args.d_hfa": {"choice": [8, 16, 32, 64]},
+                 "method_args.experts": {"choice": [1, 2, 4]}, "method_args.specific_experts": {"choice": [1, 2]},
+                 "method_args.levels": {"choice": [1, 2]}, "method_args.d_cke": {"choice": [32, 64, 128]},
+                 "method_args.gate": {"choice": ["glu", "scalar", "linear"]}}
+SPACES["din"] = {"method_args.attention_hidden": {"choice": [[32], [64, 32], [80, 40]]}}
 # CDAnet §5.4.2 (Figure 6): α, β, K experts; and expert depth, tower depth, d
 SPACES["cdanet"] = {**SPACES["mmoe"], "method_args.alpha": {"loguniform": [1e-3, 1.0]},
                     "method_args.beta": {"loguniform": [1e-3, 1.0]}}

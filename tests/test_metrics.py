@@ -5,7 +5,8 @@ import itertools
 import numpy as np
 import pytest
 
-from raytrain_ctr.train.metrics import auc, gauc, logloss
+from raytrain_ctr.compare import activity_markdown
+from raytrain_ctr.train.metrics import Activity, auc, by_activity, gauc, logloss
 
 
 def brute_auc(y, s) -> float:
@@ -51,3 +52,20 @@ def test_gauc_is_impression_weighted_and_skips_one_class_users():
     value, n = gauc(y, s, users)
     assert n == counted == 30
     assert value == pytest.approx(num / den, abs=1e-12)
+
+
+def test_activity_buckets_users_by_their_train_clicks():
+    act = Activity(users=np.array([3, 7, 9]), clicks=np.array([9, 10, 30]), edges=(10, 30))
+    assert act.names == ["0-9", "10-29", "30+"]
+    assert act.bucket(np.array([3, 7, 9, 1, 100])).tolist() == [0, 1, 2, 0, 0]  # unseen users: 0 clicks
+    users = np.array([3, 3, 7, 7, 9, 9, 1, 1])
+    labels = np.array([0, 1, 0, 1, 0, 1, 1, 0])
+    probs = np.array([0.1, 0.9, 0.8, 0.2, 0.3, 0.6, 0.7, 0.4])
+    out = by_activity(labels, probs, users, act)
+    assert out["0-9"]["rows"] == 4 and out["0-9"]["users"] == 2 and out["0-9"]["auc"] == 1.0
+    assert out["10-29"]["auc"] == 0.0 and out["30+"]["auc"] == 1.0
+    assert out["0-9"]["auc"] == auc(labels[[0, 1, 6, 7]], probs[[0, 1, 6, 7]])
+    runs = [{"entry": "a", "by_activity": out}, {"entry": "a", "by_activity": out}, {"entry": "b"}]
+    table = activity_markdown(runs, ["a", "b"])
+    assert "| a | 1.0000 ± 0.0000 | 1.0000 ± 0.0000 | 0.0000 ± 0.0000" in table and "| b |" not in table
+    assert "0-9: 2, 10-29: 1, 30+: 1" in table and activity_markdown([{"entry": "b"}], ["b"]) == ""

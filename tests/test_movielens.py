@@ -38,6 +38,27 @@ def test_history_strictly_before_the_row(ml100k):
         assert list(row.hist_movies) == list(earlier.movie_id)[-20:]
 
 
+def test_entities_variant_splits_by_item_with_a_sequence_per_entity(tmp_path):
+    out = str(tmp_path / "ent")
+    counts = prepare(out, variant="entities")
+    assert {d: sum(c.values()) for d, c in counts.items()} == {"source": 83_765, "target": 16_235}
+    ds = CTRDataset.load(out)
+    fields = {d: {f.name: f.scope for f in ds.domain(d).spec.fields} for d in ("source", "target")}
+    assert fields["source"]["release_year"] == "specific" and "genres" not in fields["source"]
+    assert fields["target"]["genres"] == "specific" and "release_year" not in fields["target"]
+    s, t = frame(out, "source"), frame(out, "target")
+    new = set(t.movie_id)
+    assert not new & set(s.movie_id)  # disjoint items: two entities
+    df = pd.concat([s, t])
+    by_user = {u: g for u, g in df.groupby("user_id")}
+    for i in np.random.default_rng(0).choice(len(df), 200, replace=False):
+        row = df.iloc[i]
+        g = by_user[row.user_id]
+        earlier = g[g.ts < row.ts].sort_values(["ts", "movie_id"])
+        assert list(row.hist_new) == [m for m in earlier.movie_id if m in new][-20:]
+        assert list(row.hist_catalogue) == [m for m in earlier.movie_id if m not in new][-20:]
+
+
 def test_history_ties_and_truncation():
     users = np.array([1, 1, 1, 1, 2])
     items = np.array([10, 11, 12, 13, 10])

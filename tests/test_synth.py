@@ -137,3 +137,22 @@ def test_planted_signal_learnable_and_transfer_pays(tiny_data):
     with_source = fit_fm([st, tt], tv, te, spec)
     assert target_only > 0.6
     assert with_source > target_only + 0.02, (target_only, with_source)
+
+
+def test_entities_preset_has_two_entities_with_their_own_fields(tmp_path):
+    out = str(tmp_path / "ent")
+    generate(out, make_config("entities", rows=6_000, rows_per_shard=3_000), parallelism=1)
+    ds = CTRDataset.load(out)
+    specs = {d: ds.domain(d).spec for d in ("source", "target")}
+    specific = {d: sorted(f.name for f in s.fields if f.scope == "specific") for d, s in specs.items()}
+    assert specific == {"source": ["item_price", "src_channel"], "target": ["tgt_position", "tgt_style"]}
+    shared = {d: sorted(f.name for f in s.fields if f.scope == "shared") for d, s in specs.items()}
+    assert shared["source"] == shared["target"]
+    assert {"hist_source", "hist_target", "item_topic"} <= set(shared["source"])
+    s, t = (pq.read_table(ds.files(d, "train")).to_pandas() for d in ("source", "target"))
+    assert not set(s.item_id) & set(t.item_id)  # disjoint items
+    assert t.hist_target.map(len).max() <= 5 and (t.hist_target.map(len) == 0).any()  # shorter, maybe empty
+    assert max(max(h, default=0) for h in t.hist_source) <= 4_000 < min(min(h, default=10**9) for h in t.hist_target)
+    # the target's specific fields carry signal: the clean click probability moves with the style
+    by_style = t.groupby("tgt_style").true_prob.mean()
+    assert by_style.max() - by_style.min() > 0.1

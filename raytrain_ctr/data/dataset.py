@@ -19,8 +19,9 @@ DIR may be a local path or a URI that pyarrow understands (``s3://``, ``gs://``)
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 
 import pyarrow.fs as pafs
@@ -126,6 +127,19 @@ class CTRDataset:
         if not files:
             raise DataError(f"{path}: empty domain: no Parquet files for domain '{domain}', split '{split}'")
         return files
+
+    def fingerprint(self) -> str:
+        """A digest of the specs and of every file under the domains' paths (name, size, modification
+        time): it changes when the data is rewritten, so stage artifacts of the old data are not reused."""
+        h = hashlib.sha256()
+        for name in sorted(self.domains):
+            d = self.domains[name]
+            h.update(repr((name, asdict(d.spec), sorted(d.where.items()))).encode())
+            sel = pafs.FileSelector(d.path, recursive=True, allow_not_found=True)
+            for i in sorted(self.filesystem.get_file_info(sel), key=lambda i: i.path):
+                if i.type == pafs.FileType.File:
+                    h.update(repr((i.path[len(d.path):], i.size, i.mtime_ns)).encode())
+        return h.hexdigest()[:16]
 
     def has_split(self, domain: str, split: str) -> bool:
         return self.filesystem.get_file_info(join(self.domain(domain).path, split)).type == pafs.FileType.Directory

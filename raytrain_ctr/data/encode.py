@@ -56,6 +56,11 @@ def pad_lists(col: pa.ListArray | pa.LargeListArray, max_len: int) -> tuple[pa.A
     return values, idx, mask
 
 
+def user_key(raw: np.ndarray) -> np.ndarray:
+    """The int64 key a user-id column groups by (GAUC, activity): integer ids as they are, others hashed."""
+    return raw.astype(np.int64) if raw.dtype.kind in "iu" else stable_hash(raw).view(np.int64)
+
+
 class FeatureEncoder:
     """Encodes Arrow data of one domain into :class:`Batch` objects."""
 
@@ -86,9 +91,7 @@ class FeatureEncoder:
         label = data.column(spec.label).to_numpy().astype(np.float32)
         user = time = None
         if spec.user_id:
-            raw = data.column(spec.user_id).combine_chunks().to_numpy(zero_copy_only=False)
-            user = torch.from_numpy(raw.astype(np.int64) if raw.dtype.kind in "iu" else
-                                    stable_hash(raw).view(np.int64))
+            user = torch.from_numpy(user_key(data.column(spec.user_id).combine_chunks().to_numpy(zero_copy_only=False)))
         if spec.time:
             time = torch.from_numpy(data.column(spec.time).to_numpy().astype(np.int64))
         extra = {c: torch.from_numpy(data.column(c).to_numpy()) for c in self.extra_columns}

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import zip_longest
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -23,7 +24,7 @@ import torch
 from ray.train import DataConfig
 
 from raytrain_ctr.data.dataset import CTRDataset
-from raytrain_ctr.data.encode import Batch, FeatureEncoder
+from raytrain_ctr.data.encode import Batch, FeatureEncoder, user_key
 from raytrain_ctr.data.validate import check_schema
 from raytrain_ctr.runtime import report
 
@@ -197,3 +198,20 @@ def stream(dataset: CTRDataset, split: str = "train", num_workers: int = 2, batc
                              name="stream"),
     )
     return dict(trainer.fit().metrics)
+
+
+def user_clicks(dataset: CTRDataset, domain: str, window: TimeWindow | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Each user's clicks (positive rows) in the domain's train split (within ``window``): sorted user
+    keys and their counts, by a Ray Data group-by (MKT §4.2.2's user activity)."""
+    spec = dataset.domain(domain).spec
+    if not spec.user_id:
+        raise ValueError(f"domain '{domain}' has no user_id in its spec: no user activity")
+
+    def keyed(t: pa.Table) -> dict[str, np.ndarray]:
+        raw = t.column(spec.user_id).combine_chunks().to_numpy(zero_copy_only=False)
+        return {"user": user_key(raw), "clicks": t.column(spec.label).to_numpy().astype(np.int64)}
+
+    ds = read_split(dataset, domain, "train", window=window).map_batches(keyed, batch_format="pyarrow")
+    df = ds.groupby("user").sum("clicks").to_pandas()
+    order = np.argsort(df["user"].to_numpy(), kind="stable")
+    return df["user"].to_numpy()[order], df["sum(clicks)"].to_numpy()[order]

@@ -6,6 +6,12 @@ the user's behaviour sequence: the movies they rated strictly before the row's
 timestamp (ratings at the same second are not "before": no leakage), most recent last.
 The movie's ``title`` is kept as a column no spec lists (for inspection, e.g. the CDAnet probe).
 
+``variant="entities"`` (MKT's multi-entity setting, mkt.txt §3.2.1) splits by item instead: the
+catalogue (movies released before 1997) is the source entity, the new releases (1997–98, about
+16% of the ratings) the target; users are shared. Each row holds one behaviour sequence per
+entity (``hist_catalogue``, ``hist_new``), and the field sets differ: ``release_year`` is specific
+to the catalogue (all new releases share two years) and ``genres`` to the new releases.
+
 Reads three layouts: RecBole's atomic files (``ml-100k.{inter,user,item}``, shipped in
 the ``recbole==1.2.1`` wheel, never committed here: its licence forbids redistribution),
 GroupLens ml-100k (``u.data``, ``u.user``, ``u.item``) and GroupLens ml-1m
@@ -30,6 +36,8 @@ ML100K_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "C
                  "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
                  "War", "Western")
 HIST_LEN = 20
+NEW_RELEASES = 1997  # variant "entities": movies released from this year on are the target entity
+VARIANTS = ("gender", "entities")
 FILE_ROWS = 8192  # several files per split, so Ray Data can spread a split over workers
 
 
@@ -104,8 +112,10 @@ def _codes(values: pd.Series) -> tuple[np.ndarray, int]:
     return values.map(index).fillna(0).astype(np.int64).to_numpy(), len(cats) + 1
 
 
-def history(users: np.ndarray, items: np.ndarray, ts: np.ndarray, max_len: int = HIST_LEN) -> pa.ListArray:
-    """For each row, the user's items rated strictly before its timestamp (last ``max_len``)."""
+def history(users: np.ndarray, items: np.ndarray, ts: np.ndarray, max_len: int = HIST_LEN,
+            among: np.ndarray | None = None) -> pa.ListArray:
+    """For each row, the user's items rated strictly before its timestamp (last ``max_len``, most recent
+    last); with ``among`` (a row mask), only the items of those rows count as history."""
     order = np.lexsort((items, ts, users))  # by user, then time
     u, t, it = users[order], ts[order], items[order]
     n = len(u)
@@ -114,12 +124,14 @@ def history(users: np.ndarray, items: np.ndarray, ts: np.ndarray, max_len: int =
     new_tie = new_user | np.r_[True, t[1:] != t[:-1]]
     tie_start = np.maximum.accumulate(np.where(new_tie, idx, 0))
     user_start = np.maximum.accumulate(np.where(new_user, idx, 0))
-    end = tie_start
-    start = np.maximum(user_start, end - max_len)
+    counted = np.ones(n, dtype=bool) if among is None else np.asarray(among, dtype=bool)[order]
+    before = np.r_[0, np.cumsum(counted)]  # counted rows in sorted positions [0, i)
+    end = before[tie_start]
+    start = np.maximum(before[user_start], end - max_len)
     lengths = end - start
     offsets = np.r_[0, np.cumsum(lengths)]
     flat = np.repeat(start - offsets[:-1], lengths) + np.arange(offsets[-1])
-    sorted_hist = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(it[flat]))
+    sorted_hist = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(it[counted][flat]))
     inverse = np.empty(n, dtype=np.int64)
     inverse[order] = idx
     return sorted_hist.take(pa.array(inverse))
@@ -142,7 +154,7 @@ def build_table(ratings: pd.DataFrame, users: pd.DataFrame, items: pd.DataFrame)
         "age": age.astype(np.int64), "occupation": occupation, "movie_id": df.item.astype(np.int64),
         "release_year": year, "genres": genres, "title": df.title.fillna("").astype(str),
         "ts": df.ts.astype(np.int64), "rating": df.rating.astype(np.float32),
-        "label": (df.rating > 3).astype(np.int8),
+        "label": (df.rating > 3).astype(np.int8), "year_value": df.year.fillna(0).to_numpy(),
     })
     sizes = {"user": int(out.user_id.max()) + 1, "movie": int(out.movie_id.max()) + 1, "gender": 3,
              "age": len(ML1M_AGES) + 1, "occupation": n_occ, "year": n_year, "genre": len(genre_vocab) + 1,
@@ -150,19 +162,26 @@ def build_table(ratings: pd.DataFrame, users: pd.DataFrame, items: pd.DataFrame)
     return out, sizes
 
 
-def make_spec(domain: str, sizes: dict, dim: int = 16) -> DomainSpec:
+def make_spec(domain: str, sizes: dict, dim: int = 16, variant: str = "gender") -> DomainSpec:
     tables = {k: {"num_embeddings": v, "dim": dim} for k, v in sizes.items() if k != "genres_max_len"}
+    year = {"name": "release_year", "type": "categorical", "table": "year", "group": "item"}
+    genres = {"name": "genres", "type": "sequence", "table": "genre", "group": "item",
+              "max_len": sizes["genres_max_len"], "pooling": "mean"}
+    hist = {"name": "hist_movies", "type": "sequence", "table": "movie", "group": "user", "max_len": HIST_LEN,
+            "pooling": "mean"}
+    if variant == "entities":  # a sequence per entity; release year specific to the catalogue, genres to the new
+        item = [{**year, "scope": "specific"}] if domain == "source" else [{**genres, "scope": "specific"}]
+        item += [{**hist, "name": f"hist_{e}"} for e in ("catalogue", "new")]
+        del tables["genre" if domain == "source" else "year"]
+    else:
+        item = [year, genres, hist]
     flds = [
         {"name": "user_id", "type": "categorical", "table": "user", "group": "user"},
         {"name": "gender", "type": "categorical", "table": "gender", "group": "user"},
         {"name": "age", "type": "categorical", "table": "age", "group": "user"},
         {"name": "occupation", "type": "categorical", "table": "occupation", "group": "user"},
         {"name": "movie_id", "type": "categorical", "table": "movie", "group": "item"},
-        {"name": "release_year", "type": "categorical", "table": "year", "group": "item"},
-        {"name": "genres", "type": "sequence", "table": "genre", "group": "item",
-         "max_len": sizes["genres_max_len"], "pooling": "mean"},
-        {"name": "hist_movies", "type": "sequence", "table": "movie", "group": "user",
-         "max_len": HIST_LEN, "pooling": "mean"},
+        *item,
     ]
     return DomainSpec.from_dict({"domain": domain, "label": "label", "user_id": "user_id", "time": "ts",
                                  "tables": tables, "fields": flds})
@@ -182,16 +201,30 @@ def split_index(df: pd.DataFrame, how: str, seed: int) -> np.ndarray:
 
 
 def prepare(out: str, source: str | Path | None = None, split: str = "random", seed: int = 0,
-            dim: int = 16) -> dict[str, dict[str, int]]:
-    """Write the male→female MovieLens dataset into ``out``; returns rows per domain and split."""
+            dim: int = 16, variant: str = "gender") -> dict[str, dict[str, int]]:
+    """Write the MovieLens dataset into ``out``: male→female users (``variant="gender"``), or the
+    catalogue→new-release entities (``"entities"``); returns rows per domain and split."""
+    if variant not in VARIANTS:
+        raise DataError(f"MovieLens variant '{variant}' is not one of {list(VARIANTS)}")
     ratings, users, items, layout = read_raw(source)
     table, sizes = build_table(ratings, users, items)
-    table["hist_movies"] = history(table.user_id.to_numpy(), table.movie_id.to_numpy(),
-                                   table.ts.to_numpy()).to_pylist()
+    who, when, what = table.user_id.to_numpy(), table.ts.to_numpy(), table.movie_id.to_numpy()
+    if variant == "entities":
+        new = (table.year_value.to_numpy() >= NEW_RELEASES)
+        table["hist_catalogue"] = history(who, what, when, among=~new).to_pylist()
+        table["hist_new"] = history(who, what, when, among=new).to_pylist()
+        domain_of = np.where(new, 2, 1)
+        description = (f"MovieLens ({layout}), two item entities: the catalogue (released before {NEW_RELEASES}) "
+                       f"= source, the new releases = target, {split} split")
+    else:
+        table["hist_movies"] = history(who, what, when).to_pylist()
+        domain_of = table.gender.to_numpy()
+        description = f"MovieLens ({layout}), male=source, female=target, {split} split"
+    table = table.drop(columns=["year_value"])
     fs, base = resolve(out)
     counts: dict[str, dict[str, int]] = {}
     for domain, g in (("source", 1), ("target", 2)):
-        part = table[table.gender == g].reset_index(drop=True)
+        part = table[domain_of == g].reset_index(drop=True)
         which = split_index(part, split, seed + g)
         counts[domain] = {}
         for i, name in enumerate(("train", "valid", "test")):
@@ -202,7 +235,7 @@ def prepare(out: str, source: str | Path | None = None, split: str = "random", s
                                filesystem=fs)
             counts[domain][name] = rows.num_rows
         with fs.open_output_stream(join(base, f"{domain}.spec.yaml")) as f:
-            f.write(make_spec(domain, sizes, dim).to_yaml().encode())
+            f.write(make_spec(domain, sizes, dim, variant).to_yaml().encode())
     write_dataset_yaml(out, {d: {"spec": f"{d}.spec.yaml", "path": d} for d in ("source", "target")},
-                       description=f"MovieLens ({layout}), male=source, female=target, {split} split")
+                       description=description)
     return counts

@@ -18,6 +18,13 @@ The planted mechanisms:
   the target, each with its own effect;
 * ``months`` of data with preferences drifting linearly (the last month is the present);
 * behaviour sequences ``hist_items`` drawn from each user's current preference;
+* ``entities`` (MKT's multi-entity setting, preset ``entities``): the two domains are two item
+  entities with disjoint items, each with specific fields that carry signal (the source's
+  ``item_price`` and ``src_channel``, the target's ``tgt_style`` and ``tgt_position``) beside the
+  shared ones; items of both entities share a topic (``item_topic``) whose latent explains most
+  of theirs, so what the source teaches about users and topics transfers; every row holds one
+  behaviour sequence per entity (``hist_source``, ``hist_target``: the user's clicks on each,
+  the second one shorter);
 * user features (``user_age``, ``user_gender``) and item features (``item_cat``,
   ``item_price``) derived from the latents, so cold ids still carry signal.
 """
@@ -58,6 +65,7 @@ class SynthConfig:
     zipf: float = 1.05
     seq_len: int = 10
     hetero: bool = True
+    entities: bool = False         # two item entities: disjoint items, specific fields, a sequence per entity
     emb_dim: int = 16
     rows_per_shard: int = 50_000
     seed: int = 0
@@ -69,6 +77,8 @@ PRESETS: dict[str, dict] = {
              "rows_per_shard": 5_000},
     "homogeneous": {"hetero": False},
     "noisy": {"noise_frac": 0.4},
+    "entities": {"entities": True, "rows": 150_000, "target_ratio": 0.15, "item_overlap": 0.0,
+                 "user_overlap": 0.9, "noise_frac": 0.0},
     "large": {"rows": 1_000_000, "n_users": 100_000, "n_target_users": 20_000, "n_items": 20_000,
               "rows_per_shard": 100_000},
 }
@@ -130,7 +140,8 @@ def zipf_ranks(rng: np.random.Generator, n: int, size, s: float) -> np.ndarray:
 
 # ---- the world --------------------------------------------------------------------------------
 
-N_AGE, N_CAT, N_SLOT, N_CHANNEL, N_POSITION = 7, 8, 8, 6, 5
+N_AGE, N_CAT, N_SLOT, N_CHANNEL, N_POSITION, N_STYLE, N_TOPIC = 7, 8, 8, 6, 5, 6, 64
+TOPIC_SHARE = 0.8  # with entities: share of an item's latent variance that its topic explains
 
 
 class World:
@@ -160,9 +171,17 @@ class World:
         age = (month - (c.months - 1)) / max(c.months - 1, 1)  # -1 (oldest) .. 0 (present)
         return u + c.drift * age[:, None] * normal(self.seed, "u_drift", users, d)
 
+    def item_topic(self, items: np.ndarray) -> np.ndarray:
+        """With ``entities``: the topic of an item of either entity (an entity-shared field)."""
+        return 1 + (uniform(self.seed, "topic", items)[:, 0] * N_TOPIC).astype(np.int64)
+
     def item_latent(self, items: np.ndarray) -> np.ndarray:
         uniq, inv = np.unique(items, return_inverse=True)  # ids repeat a lot (Zipf)
-        return normal(self.seed, "v", uniq, self.cfg.latent_dim)[inv.reshape(items.shape)]
+        v = normal(self.seed, "v", uniq, self.cfg.latent_dim)
+        if self.cfg.entities:  # items of both entities share their topic's latent: what transfers across them
+            v = (math.sqrt(TOPIC_SHARE) * normal(self.seed, "v_topic", self.item_topic(uniq), self.cfg.latent_dim)
+                 + math.sqrt(1 - TOPIC_SHARE) * v)
+        return v[inv.reshape(items.shape)]
 
     def user_features(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         z = normal(self.seed, "u_shared", users, 2)
@@ -209,20 +228,25 @@ def generate_shard(cfg: SynthConfig, domain: str, shard: int) -> pa.Table:
     age, gender = world.user_features(users)
     cat, price = world.item_features(items)
     slot = rng.integers(1, N_SLOT + 1, n)
+    has_price = not cfg.entities or domain == "source"  # with entities: a field specific to the products
 
     logit = (cfg.signal * pref
              + 1.0 * normal(cfg.seed, "w_age_cat", age * (N_CAT + 1) + cat)[:, 0]
              + 0.8 * normal(cfg.seed, "b_item", items)[:, 0]
              + 0.3 * normal(cfg.seed, "b_user", users)[:, 0]
-             + 0.3 * np.log(price)
+             + (0.3 * np.log(price) if has_price else 0.0)
              + 0.4 * normal(cfg.seed, "w_slot", slot)[:, 0]
              + (0.0 if domain == "source" else -0.2))
-    cols: dict[str, pa.Array] = {}
-    if cfg.hetero and domain == "source":
+    cols: dict[str, pa.Array] = {"item_topic": pa.array(world.item_topic(items))} if cfg.entities else {}
+    if (cfg.hetero or cfg.entities) and domain == "source":
         channel = rng.integers(1, N_CHANNEL + 1, n)
         logit = logit + 0.8 * normal(cfg.seed, "w_channel", channel)[:, 0]
         cols["src_channel"] = pa.array(channel)
-    if cfg.hetero and domain == "target":
+    if cfg.entities and domain == "target":  # the posts' style: a property of the item, with its own effect
+        style = 1 + (uniform(cfg.seed, "style", items)[:, 0] * N_STYLE).astype(np.int64)
+        logit = logit + 1.0 * normal(cfg.seed, "w_style", style)[:, 0]
+        cols["tgt_style"] = pa.array(style)
+    if (cfg.hetero or cfg.entities) and domain == "target":
         position = rng.integers(1, N_POSITION + 1, n)
         logit = logit - 0.35 * (position - 1)
         cols["tgt_position"] = pa.array(position)
@@ -231,16 +255,12 @@ def generate_shard(cfg: SynthConfig, domain: str, shard: int) -> pa.Table:
     noisy = np.where(is_noise, logit - 2 * cfg.signal * pref, logit)  # reversed preference
     label = (rng.random(n) < 1 / (1 + np.exp(-noisy))).astype(np.int8)
 
-    # behaviour sequence: the top items of a candidate pool under the user's current preference
-    pool = 4 * cfg.seq_len
-    cand = world.item_ids(domain, zipf_ranks(rng, n_items, (n, pool), cfg.zipf))
-    score = world.affinity(u[:, None, :], world.item_latent(cand.ravel()).reshape(n, pool, -1))
-    score = score + rng.gumbel(size=score.shape)
-    top = np.take_along_axis(cand, np.argsort(-score, axis=1, kind="stable")[:, : cfg.seq_len], axis=1)
-    lengths = rng.integers(1, cfg.seq_len + 1, n)
-    keep = np.arange(cfg.seq_len)[None, :] < lengths[:, None]
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    hist = pa.ListArray.from_arrays(pa.array(offsets), pa.array(top[keep]))
+    if cfg.entities:  # one sequence per entity, under the user's preference for that entity
+        hists = {"hist_source": behaviour(cfg, world, rng, "source", world.user_pref("source", users, month), 1),
+                 "hist_target": behaviour(cfg, world, rng, "target", world.user_pref("target", users, month), 0,
+                                          cfg.seq_len // 2)}
+    else:
+        hists = {"hist_items": behaviour(cfg, world, rng, domain, u, 1)}
 
     split_u = uniform(cfg.seed, f"split_{domain}", start + np.arange(n))[:, 0]
     split = np.digitize(split_u, np.cumsum([f for _, f in SPLIT_FRACTIONS])[:-1])
@@ -248,13 +268,28 @@ def generate_shard(cfg: SynthConfig, domain: str, shard: int) -> pa.Table:
         "row_id": pa.array(start + np.arange(n, dtype=np.int64)),
         "user_id": pa.array(users), "item_id": pa.array(items),
         "user_age": pa.array(age), "user_gender": pa.array(gender),
-        "item_cat": pa.array(cat), "item_price": pa.array(price),
-        "ctx_slot": pa.array(slot), **cols, "hist_items": hist,
+        "item_cat": pa.array(cat), **({"item_price": pa.array(price)} if has_price else {}),
+        "ctx_slot": pa.array(slot), **cols, **hists,
         "ts": pa.array(ts), "label": pa.array(label), "is_noise": pa.array(is_noise),
         "true_prob": pa.array(prob.astype(np.float32)),
         "split": pa.array(split.astype(np.int8)),
     })
     return table
+
+
+def behaviour(cfg: SynthConfig, world: World, rng: np.random.Generator, entity: str, u: np.ndarray,
+              min_len: int, max_len: int | None = None) -> pa.ListArray:
+    """A behaviour sequence per row: the top items of a candidate pool of ``entity``'s items under the
+    preference ``u``, of a random length in ``[min_len, max_len]``."""
+    n, pool, max_len = len(u), 4 * cfg.seq_len, max_len or cfg.seq_len
+    cand = world.item_ids(entity, zipf_ranks(rng, cfg.n_items, (n, pool), cfg.zipf))
+    score = world.affinity(u[:, None, :], world.item_latent(cand.ravel()).reshape(n, pool, -1))
+    score = score + rng.gumbel(size=score.shape)
+    top = np.take_along_axis(cand, np.argsort(-score, axis=1, kind="stable")[:, :max_len], axis=1)
+    lengths = rng.integers(min_len, max_len + 1, n)
+    keep = np.arange(max_len)[None, :] < lengths[:, None]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(top[keep]))
 
 
 def write_shard(cfg: SynthConfig, out: str, domain: str, shard: int) -> int:
@@ -289,15 +324,27 @@ def make_spec(cfg: SynthConfig, domain: str) -> DomainSpec:
         {"name": "item_id", "type": "categorical", "table": "item", "group": "item"},
         {"name": "item_cat", "type": "categorical", "table": "cat", "group": "item"},
         {"name": "ctx_slot", "type": "categorical", "table": "slot", "group": "context"},
-        {"name": "hist_items", "type": "sequence", "table": "item", "group": "user",
-         "max_len": cfg.seq_len, "pooling": "mean"},
-        {"name": "item_price", "type": "dense", "group": "item"},
     ]
-    if cfg.hetero and domain == "source":
+    hists = ({"hist_source": cfg.seq_len, "hist_target": cfg.seq_len // 2} if cfg.entities
+             else {"hist_items": cfg.seq_len})
+    flds += [{"name": name, "type": "sequence", "table": "item", "group": "user", "max_len": length,
+              "pooling": "mean"} for name, length in hists.items()]
+    if cfg.entities:
+        tables["topic"] = {"num_embeddings": N_TOPIC + 1, "dim": d}
+        flds.append({"name": "item_topic", "type": "categorical", "table": "topic", "group": "item"})
+    if not cfg.entities:
+        flds.append({"name": "item_price", "type": "dense", "group": "item"})
+    elif domain == "source":
+        flds.append({"name": "item_price", "type": "dense", "group": "item", "scope": "specific"})
+    if (cfg.hetero or cfg.entities) and domain == "source":
         tables["src_channel"] = {"num_embeddings": N_CHANNEL + 1, "dim": d}
         flds.append({"name": "src_channel", "type": "categorical", "table": "src_channel",
                      "group": "context", "scope": "specific"})
-    if cfg.hetero and domain == "target":
+    if cfg.entities and domain == "target":
+        tables["tgt_style"] = {"num_embeddings": N_STYLE + 1, "dim": d}
+        flds.append({"name": "tgt_style", "type": "categorical", "table": "tgt_style",
+                     "group": "item", "scope": "specific"})
+    if (cfg.hetero or cfg.entities) and domain == "target":
         tables["tgt_position"] = {"num_embeddings": N_POSITION + 1, "dim": d}
         flds.append({"name": "tgt_position", "type": "categorical", "table": "tgt_position",
                      "group": "context", "scope": "specific"})

@@ -5,14 +5,20 @@
 * :class:`TargetAttention` (DIN, Zhou et al. 2018; MKT's sequence encoder): each behaviour is
   scored against the target item by a small MLP on ``[e_j, q, e_j − q, e_j ⊙ q]``, and the
   sequence is the score-weighted sum (DIN's raw scores, or softmax-normalised).
+* :class:`BehaviourEncoder` (DIN; MKT's ``v_seq``, §3.2.1): every behaviour sequence of a row
+  target-attention-pooled against the embedding of the row's item that reads the same table.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
+from raytrain_ctr.batch import Batch
 from raytrain_ctr.layers.mlp import MLP
+from raytrain_ctr.spec import FieldSpec, SpecError
 
 
 def _full(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -59,3 +65,49 @@ class TargetAttention(nn.Module):
 
     def forward(self, e: torch.Tensor, q: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return (self.scores(e, q, mask).unsqueeze(-1) * e).sum(1)
+
+
+def behaviour_sequences(fields: list[FieldSpec]) -> list[FieldSpec]:
+    """The behaviour sequences among ``fields``: sequences of the user group (a user's clicked items)."""
+    return [f for f in fields if f.type == "sequence" and f.group == "user"]
+
+
+def unpooled(fields: list[FieldSpec]) -> list[FieldSpec]:
+    """``fields`` with every behaviour sequence read unpooled (``pooling: none``), for attention."""
+    seqs = {f.name for f in behaviour_sequences(fields)}
+    return [replace(f, pooling="none") if f.name in seqs else f for f in fields]
+
+
+def attention_queries(fields: list[FieldSpec]) -> dict[str, str]:
+    """Per behaviour sequence, the item field it is attended against: the categorical field of the
+    item group that reads the same table (``hist_items`` → ``item_id``)."""
+    queries = {}
+    for seq in behaviour_sequences(fields):
+        items = [f.name for f in fields if f.type == "categorical" and f.group == "item" and f.table == seq.table]
+        if not items:
+            raise SpecError(f"field '{seq.name}': target attention needs a categorical item field reading table "
+                            f"'{seq.table}' (the row's item, the attention's query)")
+        queries[seq.name] = items[0]
+    return queries
+
+
+class BehaviourEncoder(nn.Module):
+    """Each behaviour sequence ``[B, L, d]`` pooled by :class:`TargetAttention` against its query field's
+    embedding ``[B, d]``, concatenated in field order; read from an embedding layer's output that holds
+    the sequences unpooled (``pooling: none``)."""
+
+    def __init__(self, queries: dict[str, str], dims: dict[str, int], hidden: tuple[int, ...] = (64, 32),
+                 softmax: bool = False):
+        super().__init__()
+        self.queries = dict(queries)
+        self.attention = nn.ModuleDict({s: TargetAttention(dims[s], hidden, softmax) for s in queries})
+        self.out_dim = sum(dims[s] for s in queries)
+
+    def forward(self, emb: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
+        pooled = []
+        for seq, query in self.queries.items():
+            ids = batch.sparse.get(seq)
+            mask = ids > 0 if ids is not None else None
+            e = emb[seq]
+            pooled.append(self.attention[seq](e, emb[query], mask if mask is not None else e.new_zeros(e.shape[:2])))
+        return torch.cat(pooled, -1) if pooled else batch.label.new_zeros(len(batch), 0)

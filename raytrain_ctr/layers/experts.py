@@ -67,42 +67,50 @@ class MMoE(nn.Module):
 
 
 class ExtractionLevel(nn.Module):
-    """One level of PLE (a customised gate control): shared and per-domain experts and gates."""
+    """One level of PLE (a customised gate control): shared and per-domain experts and gates. A level
+    may keep only some domains' gates (``outputs``: the domains whose output is read on) and specific
+    experts (``experts``; every domain's where a shared gate mixes them for the next level)."""
 
     def __init__(self, in_dim: int, out_dim: int, domains: list[str], shared: int, specific: int, depth: int,
-                 last: bool, dropout: float = 0.0):
+                 last: bool, dropout: float = 0.0, outputs: list[str] | None = None,
+                 experts: list[str] | None = None):
         super().__init__()
-        self.domains = list(domains)
+        self.outputs = list(outputs or domains)
+        self.experts = list(domains) if not last else list(experts or domains)
         self.shared = nn.ModuleList(expert(in_dim, out_dim, depth, dropout) for _ in range(shared))
         self.specific = nn.ModuleDict({d: nn.ModuleList(expert(in_dim, out_dim, depth, dropout)
-                                                        for _ in range(specific)) for d in domains})
-        self.gates = nn.ModuleDict({d: nn.Linear(in_dim, specific + shared) for d in domains})
+                                                        for _ in range(specific)) for d in self.experts})
+        self.gates = nn.ModuleDict({d: nn.Linear(in_dim, specific + shared) for d in self.outputs})
         self.shared_gate = None if last else nn.Linear(in_dim, shared + specific * len(domains))
 
     def forward(self, xs: dict[str, torch.Tensor], x_shared: torch.Tensor
                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         shared = [e(x_shared) for e in self.shared]
-        specific = {d: [e(xs[d]) for e in self.specific[d]] for d in self.domains}
+        specific = {d: [e(xs[d]) for e in self.specific[d]] for d in self.experts}
         out = {}
-        for d in self.domains:
+        for d in self.outputs:
             f = torch.stack(specific[d] + shared, dim=1)
             out[d] = (torch.softmax(self.gates[d](xs[d]), -1).unsqueeze(-1) * f).sum(1)
         if self.shared_gate is None:
             return out, None
-        f = torch.stack(shared + [e for d in self.domains for e in specific[d]], dim=1)
+        f = torch.stack(shared + [e for d in self.experts for e in specific[d]], dim=1)
         return out, (torch.softmax(self.shared_gate(x_shared), -1).unsqueeze(-1) * f).sum(1)
 
 
 class PLE(nn.Module):
-    """Progressive layered extraction over ``levels`` levels; returns each domain's output."""
+    """Progressive layered extraction over ``levels`` levels; returns each domain's output. With
+    ``outputs`` it computes those domains' alone and holds only what they read (serving one domain):
+    the last level keeps the shared experts and theirs, and the last two levels only their gates; the
+    levels below keep every domain's experts, which the shared gates mix for the next level."""
 
     def __init__(self, in_dim: int, out_dim: int, domains: list[str], shared: int = 1, specific: int = 1,
-                 depth: int = 1, levels: int = 2, dropout: float = 0.0):
+                 depth: int = 1, levels: int = 2, dropout: float = 0.0, outputs: list[str] | None = None):
         super().__init__()
         self.domains = list(domains)
         self.levels = nn.ModuleList(
             ExtractionLevel(in_dim if i == 0 else out_dim, out_dim, domains, shared, specific, depth,
-                            last=i == levels - 1, dropout=dropout) for i in range(levels))
+                            last=i == levels - 1, dropout=dropout, outputs=outputs if i >= levels - 2 else None,
+                            experts=outputs) for i in range(levels))
         self.out_dim = out_dim
 
     def forward(self, x: torch.Tensor | dict[str, torch.Tensor], shared: torch.Tensor | None = None

@@ -40,9 +40,7 @@ class FieldInputs(nn.Module):
 
     def dense(self, batch: Batch) -> torch.Tensor:
         """Dense features in this model's order; a field the batch's domain lacks reads as zero."""
-        cols = [batch.dense[:, batch.dense_fields.index(n)] if n in batch.dense_fields
-                else batch.label.new_zeros(len(batch)) for n in self.dense_fields]
-        return torch.stack(cols, 1) if cols else batch.label.new_zeros(len(batch), 0)
+        return dense_columns(batch, self.dense_fields)
 
     def inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """``x_0`` = concat of field embeddings and dense features (eq. 4), and ``v`` [B, F, D] if dims agree."""
@@ -73,6 +71,13 @@ class DomainInputs(nn.Module):
     def forward(self, batch: Batch) -> torch.Tensor:
         fields = self.fields["all" if self.shared else batch.domain]
         return self.project[batch.domain](fields(batch))
+
+
+def dense_columns(batch: Batch, names: list[str]) -> torch.Tensor:
+    """The batch's dense fields ``names`` as ``[B, len(names)]``; a field the batch lacks reads as zero."""
+    cols = [batch.dense[:, batch.dense_fields.index(n)] if n in batch.dense_fields
+            else batch.label.new_zeros(len(batch)) for n in names]
+    return torch.stack(cols, 1) if cols else batch.label.new_zeros(len(batch), 0)
 
 
 def tables_with_dim(tables: dict[str, TableSpec], dim: int | None) -> dict[str, TableSpec]:

@@ -195,6 +195,8 @@ class Stage:
     window: Window | None = None  # the train splits' rows, relative to the run's as_of
     eval_window: Window | None = None  # the valid/test splits' rows, relative to the run's as_of
     keep_last: int | None = None  # artifacts of this stage kept in the catalog (older ones pruned)
+    args: tuple[str, ...] | None = None  # the method arguments that shape this stage (None: all); its key
+    #                                      hashes only these, so variants differing elsewhere share it
     diagnostics: tuple[str, ...] = ()  # train-split columns handed to the hooks in ``batch.extra`` where the
     #                                    data has them (ground truth such as ``is_noise``), never features
     hooks: StageHooks = field(default_factory=StageHooks, compare=False)

@@ -11,6 +11,8 @@
   never the whole table each step.
 * **KEEP-style plug-in** (Zhang et al. 2022): the pre-trained user and item embeddings are
   frozen and plugged into a target model as extra features.
+* **DIN** (Zhou et al. 2018; a single-domain baseline of MKT's Table 2): the target alone, its
+  behaviour sequences pooled by target attention.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from raytrain_ctr.batch import Batch
 from raytrain_ctr.layers.inputs import embedding_for
 from raytrain_ctr.methods.base import Input, Method, Stage, StageContext, StageHooks
 from raytrain_ctr.models.backbones import Backbone, CTRModel
+from raytrain_ctr.models.din import DIN
 from raytrain_ctr.spec import FieldSpec, SpecError, TableSpec, merge_tables
 
 PRETRAIN_DOMAINS = {"source": ("source",), "all": ("source", "target")}
@@ -163,3 +166,23 @@ class KEEP(Method):
         plug = Input("pretrain", include=("embedding.tables.*",), strip="embedding.", into="plug.")
         return [pretrain_stage(self.args),
                 Stage("plugin", ("target",), inputs={"pretrain": plug}, freeze=("plug.*",), hooks=PlugInHooks())]
+
+
+class DINHooks(StageHooks):
+    """The evaluated domain's :class:`~raytrain_ctr.models.din.DIN`."""
+
+    def __init__(self, args: dict):
+        self.args = args
+
+    def build(self, ctx: StageContext) -> nn.Module:
+        return DIN(ctx.specs[ctx.stage.eval_domain], ctx.model_cfg, tuple(self.args["attention_hidden"]))
+
+
+class DINMethod(Method):
+    name = "din"
+    description = "train and test on the target domain with DIN (target attention over the behaviour sequences)"
+    arg_defaults = {"attention_hidden": (64, 32)}
+
+    @property
+    def stages(self) -> list[Stage]:
+        return [Stage("train", ("target",), hooks=DINHooks(dict(self.args)))]

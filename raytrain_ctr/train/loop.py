@@ -159,9 +159,10 @@ def lockstep(batches: Iterable[Batch], empty: Batch) -> Iterator[Batch]:
 
 
 def evaluate(model: torch.nn.Module, ctx: StageContext, batches: Iterable[Batch], with_users: bool,
-             empty: Batch | None = None) -> dict[str, float]:
+             empty: Batch | None = None, activity: M.Activity | None = None) -> dict[str, Any]:
     """Exact metrics over the whole split: every worker's predictions are gathered first.
-    With ``empty`` given, workers step in lockstep (sharded models)."""
+    With ``empty`` given, workers step in lockstep (sharded models); with ``activity``, also per
+    user-activity bucket (``by_activity``)."""
     model.eval()
     probs, labels, users = [], [], []
     with torch.no_grad():
@@ -172,7 +173,11 @@ def evaluate(model: torch.nn.Module, ctx: StageContext, batches: Iterable[Batch]
                 users.append(b.user)
     arrays = [M.to_numpy(labels), M.to_numpy(probs)] + ([M.to_numpy(users, np.int64)] if with_users else [])
     train_mode(model)
-    return M.summarize(*M.gather(*arrays))
+    gathered = M.gather(*arrays)
+    out: dict[str, Any] = M.summarize(*gathered)
+    if activity is not None and with_users:
+        out["by_activity"] = M.by_activity(*gathered, activity)
+    return out
 
 
 def _maybe_fail(tc: TrainConfig, epoch: int, step: int, marker_dir: str) -> None:
@@ -207,6 +212,7 @@ class StageJob:
     inputs: dict[str, str]
     run_dir: str
     extra_columns: dict[str, tuple[str, ...]] = field(default_factory=dict)  # per train domain: diagnostics
+    activity: M.Activity | None = None  # the test metrics are also broken down by user activity
 
     @property
     def train(self) -> TrainConfig:
@@ -251,10 +257,10 @@ def train_stage(config: dict) -> None:
     eval_domain = stage.eval_domain
     with_users = specs[eval_domain].user_id is not None
 
-    def eval_metrics(split: str) -> dict[str, float]:
+    def eval_metrics(split: str, activity: M.Activity | None = None) -> dict[str, Any]:
         batches = iter_domain(ray.train.get_dataset_shard(dataset_key(eval_domain, split)), encoders[eval_domain],
                               max(batch_sizes.values()))
-        return evaluate(model, ctx, batches, with_users, empties[eval_domain] if empties else None)
+        return evaluate(model, ctx, batches, with_users, empties[eval_domain] if empties else None, activity)
 
     for epoch in range(start_epoch, tc.epochs):
         if best["bad"] >= tc.patience:
@@ -288,7 +294,7 @@ def train_stage(config: dict) -> None:
 
     if best["state"] is not None:
         model.load_state_dict(best["state"])
-    test = eval_metrics("test")
+    test = eval_metrics("test", job.activity)
     extra = stage.hooks.artifacts(model, ctx)
     final = {"stage": stage.name, "method": job.method.name, "best_epoch": best["epoch"],
              "valid_auc": best["auc"], "resumed_from_epoch": resumed_from, "final": True,

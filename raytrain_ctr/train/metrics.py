@@ -7,9 +7,14 @@ GAUC (E-CDCTR eq. 4, MKT eq. 17) is the impression-weighted mean of per-user AUC
 ``sum_u n_u · AUC_u / sum_u n_u``. A user whose impressions are all of one class has no
 AUC and is left out of both sums (the usual convention); ``gauc_users`` reports how many
 users counted.
+
+:class:`Activity` breaks the metrics down by user activity (MKT §4.2.2, Table 3): each user's
+clicks in the evaluated domain's train split, bucketed by edges (``[10, 30]``: 0–9, 10–29, 30+).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -73,3 +78,37 @@ def gather(*arrays: np.ndarray) -> list[np.ndarray]:
 
 def to_numpy(chunks: list[torch.Tensor], dtype=np.float64) -> np.ndarray:
     return torch.cat(chunks).numpy().astype(dtype) if chunks else np.zeros(0, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class Activity:
+    """Each user's clicks (sorted user keys, their counts) and the bucket edges; users never seen
+    in the train split have 0 clicks."""
+
+    users: np.ndarray
+    clicks: np.ndarray
+    edges: tuple[int, ...]
+
+    @property
+    def names(self) -> list[str]:
+        bounds = [0, *self.edges]
+        return [f"{a}-{b - 1}" for a, b in zip(bounds, bounds[1:])] + [f"{bounds[-1]}+"]
+
+    def bucket(self, users: np.ndarray) -> np.ndarray:
+        """The bucket index of each row's user."""
+        if len(self.users) == 0:
+            return np.zeros(len(users), dtype=np.int64)
+        i = np.minimum(np.searchsorted(self.users, users), len(self.users) - 1)
+        clicks = np.where(self.users[i] == users, self.clicks[i], 0)
+        return np.digitize(clicks, self.edges)
+
+
+def by_activity(labels: np.ndarray, probs: np.ndarray, users: np.ndarray, activity: Activity) -> dict[str, dict]:
+    """:func:`summarize` per activity bucket (with the bucket's number of users), empty buckets left out."""
+    b = activity.bucket(users)
+    out = {}
+    for i, name in enumerate(activity.names):
+        rows = b == i
+        if rows.any():
+            out[name] = {**summarize(labels[rows], probs[rows], users[rows]), "users": int(len(np.unique(users[rows])))}
+    return out
