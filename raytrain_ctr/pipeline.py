@@ -230,7 +230,7 @@ def run_stage(cfg: ExperimentConfig, method: Method, dataset: CTRDataset, stage:
                                                                    window=eval_window, cache_below_bytes=cache)
     activity = None
     if tc.activity_buckets and dataset.domain(stage.eval_domain).spec.user_id:
-        activity = Activity(*user_clicks(dataset, stage.eval_domain, train_window), tc.activity_buckets)
+        activity = Activity(*user_clicks(dataset, stage.eval_domain, train_window, cache), tc.activity_buckets)
     name = artifact_name(stage, resolved.key)
     storage = _storage(cfg, "_ray")
     run_name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}" if fresh else name

@@ -7,7 +7,7 @@ import torch
 
 from raytrain_ctr.data.dataset import CTRDataset
 from raytrain_ctr.data.encode import FeatureEncoder, stable_hash
-from raytrain_ctr.data.ingest import TimeWindow, joint, read_split, stream
+from raytrain_ctr.data.ingest import TimeWindow, joint, read_split, stream, user_clicks
 from raytrain_ctr.spec import DomainSpec
 
 SPEC = DomainSpec.from_dict({
@@ -76,3 +76,16 @@ def test_time_window_selects_rows(tiny_data, ray_local):
 
     got_ts = np.concatenate([ray.get(r)["ts"].to_numpy() for r in got])
     assert len(got_ts) == int((ts >= mid).sum()) and got_ts.min() >= mid
+
+
+def test_user_clicks_counted_here_or_by_ray_data_agree(tiny_data, ray_local):
+    """Each user's positive rows in a window of the train split: counted in process (a small split)
+    and block by block in Ray Data tasks (a large one) give pandas' group-by."""
+    ds = CTRDataset.load(tiny_data)
+    rows = pa.concat_tables([pq.read_table(f, columns=["user_id", "label", "ts"])
+                             for f in ds.files("target", "train")]).to_pandas()
+    mid = int(rows.ts.median())
+    want = rows[rows.ts >= mid].groupby("user_id").label.sum()
+    for below in (256 << 20, 0):
+        users, clicks = user_clicks(ds, "target", TimeWindow(start=mid), cache_below_bytes=below)
+        assert np.array_equal(users, want.index.to_numpy()) and np.array_equal(clicks, want.to_numpy())

@@ -63,6 +63,26 @@ def block_bytes(dataset: CTRDataset, files: list[str], min_blocks: int) -> int:
     return int(min(max(in_memory // max(min_blocks, 1), 64 << 10), 128 << 20))
 
 
+def _row_filter(dom, files: list[str], dataset: CTRDataset, window: TimeWindow | None) -> dict:
+    """``filter_rows``' arguments for a domain's split, after checking its schema and window."""
+    check_schema(dom, files, dataset.filesystem)
+    if window and not dom.spec.time:
+        raise ValueError(f"domain '{dom.name}' has no time field in its spec: cannot select a time window")
+    w = window or TimeWindow()
+    return {"where": dom.where, "time_col": dom.spec.time, "start": w.start, "end": w.end}
+
+
+def small_split(dataset: CTRDataset, domain: str, split: str, window: TimeWindow | None, columns: list[str],
+                below_bytes: int) -> pa.Table | None:
+    """The split's rows (in ``window``) as one Arrow table when it is smaller than ``below_bytes`` on disk,
+    else None (stream it)."""
+    dom, files = dataset.domain(domain), dataset.files(domain, split)
+    if not below_bytes or on_disk_bytes(dataset, files) >= below_bytes:
+        return None
+    keep = _row_filter(dom, files, dataset, window)
+    return filter_rows(pq.read_table(files, columns=columns, filesystem=dataset.filesystem), **keep)
+
+
 def read_split(dataset: CTRDataset, domain: str, split: str, window: TimeWindow | None = None,
                extra_columns: tuple[str, ...] = (), shuffle_files: bool = False, seed: int | None = None,
                min_blocks: int = 32, cache_below_bytes: int = 0):
@@ -77,14 +97,10 @@ def read_split(dataset: CTRDataset, domain: str, split: str, window: TimeWindow 
 
     dom = dataset.domain(domain)
     files = dataset.files(domain, split)
-    check_schema(dom, files, dataset.filesystem)
-    if window and not dom.spec.time:
-        raise ValueError(f"domain '{domain}' has no time field in its spec: cannot select a time window")
     columns = dom.columns + [c for c in extra_columns if c not in dom.columns]
-    w = window or TimeWindow()
-    keep = {"where": dom.where, "time_col": dom.spec.time, "start": w.start, "end": w.end}
-    if cache_below_bytes and on_disk_bytes(dataset, files) < cache_below_bytes:
-        table = filter_rows(pq.read_table(files, columns=columns, filesystem=dataset.filesystem), **keep)
+    keep = _row_filter(dom, files, dataset, window)
+    table = small_split(dataset, domain, split, window, columns, cache_below_bytes)
+    if table is not None:
         step = max(1, -(-table.num_rows // min_blocks))
         return ray.data.from_arrow([table.slice(i, step) for i in range(0, max(table.num_rows, 1), step)])
     shuffle = None
@@ -200,18 +216,35 @@ def stream(dataset: CTRDataset, split: str = "train", num_workers: int = 2, batc
     return dict(trainer.fit().metrics)
 
 
-def user_clicks(dataset: CTRDataset, domain: str, window: TimeWindow | None = None) -> tuple[np.ndarray, np.ndarray]:
+def user_clicks(dataset: CTRDataset, domain: str, window: TimeWindow | None = None,
+                cache_below_bytes: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Each user's clicks (positive rows) in the domain's train split (within ``window``): sorted user
-    keys and their counts, by a Ray Data group-by (MKT §4.2.2's user activity)."""
+    keys and their counts (MKT §4.2.2's user activity). A split below ``cache_below_bytes`` is counted
+    here; a larger one block by block in Ray Data tasks, the per-block counts summed on the driver (no
+    shuffle: one row per block and user moves)."""
     spec = dataset.domain(domain).spec
     if not spec.user_id:
         raise ValueError(f"domain '{domain}' has no user_id in its spec: no user activity")
 
-    def keyed(t: pa.Table) -> dict[str, np.ndarray]:
-        raw = t.column(spec.user_id).combine_chunks().to_numpy(zero_copy_only=False)
-        return {"user": user_key(raw), "clicks": t.column(spec.label).to_numpy().astype(np.int64)}
+    def count(t: pa.Table) -> dict[str, np.ndarray]:
+        keys = user_key(t.column(spec.user_id).combine_chunks().to_numpy(zero_copy_only=False))
+        users, inverse = np.unique(keys, return_inverse=True)
+        return {"user": users, "clicks": np.bincount(inverse, weights=t.column(spec.label).to_numpy(),
+                                                     minlength=len(users)).astype(np.int64)}
 
-    ds = read_split(dataset, domain, "train", window=window).map_batches(keyed, batch_format="pyarrow")
-    df = ds.groupby("user").sum("clicks").to_pandas()
-    order = np.argsort(df["user"].to_numpy(), kind="stable")
-    return df["user"].to_numpy()[order], df["sum(clicks)"].to_numpy()[order]
+    columns = [c for c in (spec.user_id, spec.label, spec.time) if c]
+    table = small_split(dataset, domain, "train", window, columns + list(dataset.domain(domain).where),
+                        cache_below_bytes)
+    if table is not None:  # counted here: a Ray Data pipeline costs seconds to start
+        out = count(table)
+        return out["user"], out["clicks"]
+    split = read_split(dataset, domain, "train", window=window)
+    parts = split.map_batches(count, batch_format="pyarrow", batch_size=None)
+    users, clicks = [], []
+    for batch in parts.iter_batches(batch_format="numpy", batch_size=None):
+        users.append(batch["user"])
+        clicks.append(batch["clicks"])
+    if not users:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    keys, inverse = np.unique(np.concatenate(users), return_inverse=True)
+    return keys, np.bincount(inverse, weights=np.concatenate(clicks), minlength=len(keys)).astype(np.int64)

@@ -106,8 +106,7 @@ class BehaviourEncoder(nn.Module):
     def forward(self, emb: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
         pooled = []
         for seq, query in self.queries.items():
-            ids = batch.sparse.get(seq)
-            mask = ids > 0 if ids is not None else None
-            e = emb[seq]
-            pooled.append(self.attention[seq](e, emb[query], mask if mask is not None else e.new_zeros(e.shape[:2])))
+            e, ids = emb[seq], batch.sparse.get(seq)
+            mask = ids > 0 if ids is not None else torch.zeros(e.shape[:2], dtype=torch.bool, device=e.device)
+            pooled.append(self.attention[seq](e, emb[query], mask))
         return torch.cat(pooled, -1) if pooled else batch.label.new_zeros(len(batch), 0)
