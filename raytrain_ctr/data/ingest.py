@@ -98,11 +98,11 @@ def read_split(dataset: CTRDataset, domain: str, split: str, window: TimeWindow 
     dom = dataset.domain(domain)
     files = dataset.files(domain, split)
     columns = dom.columns + [c for c in extra_columns if c not in dom.columns]
-    keep = _row_filter(dom, files, dataset, window)
     table = small_split(dataset, domain, split, window, columns, cache_below_bytes)
     if table is not None:
         step = max(1, -(-table.num_rows // min_blocks))
         return ray.data.from_arrow([table.slice(i, step) for i in range(0, max(table.num_rows, 1), step)])
+    keep = _row_filter(dom, files, dataset, window)
     shuffle = None
     if shuffle_files:
         shuffle = ray.data.FileShuffleConfig(seed=seed) if seed is not None else "files"
