@@ -112,14 +112,14 @@ def catalog(cfg: ExperimentConfig) -> Catalog:
     return Catalog(_storage(cfg, "catalog"))
 
 
-def resolve_stages(cfg: ExperimentConfig, method: Method) -> dict[str, Resolved]:
+def resolve_stages(cfg: ExperimentConfig, method: Method, dataset: CTRDataset | None = None) -> dict[str, Resolved]:
     """Every stage's key, family and input artifacts. The key changes whenever anything that shapes
     the stage's result changes: data (its version too: rewritten data is new data), domains, model and
     train configs, the method's arguments the stage declares where it is not plain, the freeze rules,
     the time windows resolved against ``as_of``, and each
     input's load rule and upstream artifact (``latest`` inputs: the catalog's answer as of the date)."""
     as_of, cat, out = as_of_date(cfg), catalog(cfg), {}
-    version = CTRDataset.load(cfg.data).fingerprint()
+    version = (dataset or CTRDataset.load(cfg.data)).fingerprint
     keys: dict[str, str] = {}
     for st in method.stages:
         tc = asdict(stage_train_config(cfg, st.overrides))
@@ -279,7 +279,7 @@ def run(cfg: ExperimentConfig, stage: str | None = None, force: bool = False,
         f.write(json.dumps(cfg.to_dict(), indent=2, default=str).encode())
     results, cat = {}, catalog(cfg)
     for st in stages:
-        resolved = resolve_stages(cfg, method)[st.name]  # after the stages before it: `latest` inputs see them
+        resolved = resolve_stages(cfg, method, dataset)[st.name]  # after the stages before it: `latest` inputs see them
         directory = stage_dir(cfg, st, resolved.key)
         art = resolve(directory)[1]
         if not force and _exists(fs, join(art, METRICS_FILE)) and _exists(fs, join(art, MODEL_FILE)):

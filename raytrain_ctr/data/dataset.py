@@ -128,9 +128,11 @@ class CTRDataset:
             raise DataError(f"{path}: empty domain: no Parquet files for domain '{domain}', split '{split}'")
         return files
 
+    @cached_property
     def fingerprint(self) -> str:
         """A digest of the specs and of every file under the domains' paths (name, size, modification
-        time): it changes when the data is rewritten, so stage artifacts of the old data are not reused."""
+        time): it changes when the data is rewritten, so stage artifacts of the old data are not reused.
+        Listed once per loaded dataset."""
         h = hashlib.sha256()
         for name in sorted(self.domains):
             d = self.domains[name]

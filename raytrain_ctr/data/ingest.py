@@ -228,9 +228,8 @@ def user_clicks(dataset: CTRDataset, domain: str, window: TimeWindow | None = No
 
     def count(t: pa.Table) -> dict[str, np.ndarray]:
         keys = user_key(t.column(spec.user_id).combine_chunks().to_numpy(zero_copy_only=False))
-        users, inverse = np.unique(keys, return_inverse=True)
-        return {"user": users, "clicks": np.bincount(inverse, weights=t.column(spec.label).to_numpy(),
-                                                     minlength=len(users)).astype(np.int64)}
+        users, clicks = sum_by_key(keys, t.column(spec.label).to_numpy())
+        return {"user": users, "clicks": clicks}
 
     columns = [c for c in (spec.user_id, spec.label, spec.time) if c]
     table = small_split(dataset, domain, "train", window, columns + list(dataset.domain(domain).where),
@@ -240,11 +239,12 @@ def user_clicks(dataset: CTRDataset, domain: str, window: TimeWindow | None = No
         return out["user"], out["clicks"]
     split = read_split(dataset, domain, "train", window=window)
     parts = split.map_batches(count, batch_format="pyarrow", batch_size=None)
-    users, clicks = [], []
-    for batch in parts.iter_batches(batch_format="numpy", batch_size=None):
-        users.append(batch["user"])
-        clicks.append(batch["clicks"])
-    if not users:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    keys, inverse = np.unique(np.concatenate(users), return_inverse=True)
-    return keys, np.bincount(inverse, weights=np.concatenate(clicks), minlength=len(keys)).astype(np.int64)
+    blocks = list(parts.iter_batches(batch_format="numpy", batch_size=None))
+    return sum_by_key(np.concatenate([b["user"] for b in blocks] or [np.zeros(0, np.int64)]),
+                      np.concatenate([b["clicks"] for b in blocks] or [np.zeros(0, np.int64)]))
+
+
+def sum_by_key(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The sorted distinct ``keys`` and the sum of ``values`` per key (integers)."""
+    uniq, inverse = np.unique(keys, return_inverse=True)
+    return uniq, np.bincount(inverse, weights=values, minlength=len(uniq)).astype(np.int64)
