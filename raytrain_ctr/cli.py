@@ -5,6 +5,7 @@
     raytrain-ctr validate DIR
     raytrain-ctr ingest DIR [--workers N]          stream a dataset through Train workers
     raytrain-ctr run --config YAML [--variant V] [--stage S] [--force] [--as-of DATE] [--set KEY=VALUE ...]
+    raytrain-ctr schedule --config YAML --start DATE [--days 90]   cadenced jobs day by day (E-CDCTR), timeline
     raytrain-ctr compare --config YAML --methods M[:k=v,...] ... --seeds 0 1 2 --out DIR
     raytrain-ctr tune --config YAML [--space YAML] --samples N --out DIR
     raytrain-ctr probe --config YAML [--k 5] [--rows 20] [--columns C ...] [--out FILE.csv]
@@ -91,6 +92,7 @@ def cmd_run(a: argparse.Namespace) -> None:
     import json
 
     from raytrain_ctr import pipeline
+    from raytrain_ctr.methods import get_method
     from raytrain_ctr.runtime import init_ray
 
     cfg = experiment(a)
@@ -98,11 +100,30 @@ def cmd_run(a: argparse.Namespace) -> None:
         cfg = cfg.with_overrides({"as_of": a.as_of})
     init_ray()
     results = pipeline.run(cfg, stage=a.stage, force=a.force)
+    method = get_method(cfg.method, cfg.method_args)
     for name, r in results.items():
         state = "skipped (artifact exists)" if r.get("skipped") else f"best epoch {r['best_epoch']}"
-        print(f"{cfg.method}/{name}: {state}; target test AUC {r['test_auc']:.4f}, LogLoss "
+        print(f"{cfg.method}/{name}: {state}; {method.stage(name).eval_domain} test AUC {r['test_auc']:.4f}, LogLoss "
               f"{r['test_logloss']:.4f}, GAUC {r.get('test_gauc', float('nan')):.4f} -> {r['artifact']}")
     print(json.dumps({k: {m: v for m, v in r.items() if m != "history"} for k, r in results.items()}, default=str))
+
+
+def cmd_schedule(a: argparse.Namespace) -> None:
+    import datetime as dt
+
+    from raytrain_ctr import cadence
+    from raytrain_ctr.runtime import init_ray
+
+    cfg = experiment(a)
+    init_ray()
+    seen: list = []
+
+    def show(event) -> None:
+        seen.append(event)
+        print(cadence.line(event, cadence.labels(seen)), flush=True)
+
+    events = cadence.simulate(cfg, dt.date.fromisoformat(a.start), a.days, on_event=show)
+    print(f"timeline: {cadence.write(events, a.out)}/timeline.md")
 
 
 def cmd_compare(a: argparse.Namespace) -> None:
@@ -201,11 +222,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("run", help="run a method's stages (skipping finished ones)")
     with_config(s)
-    s.add_argument("--stage", default=None, help="run only this stage, against the latest upstream artifact")
+    s.add_argument("--stage", default=None,
+                   help="run only this stage, or this job (its stages NAME.*), against the upstream artifacts")
     s.add_argument("--force", action="store_true", help="re-run stages whose artifacts exist")
     s.add_argument("--as-of", default=None, metavar="YYYY-MM-DD",
                    help="the date the stages' time windows and latest-artifact inputs are relative to")
     s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("schedule", help="run a cadenced method's jobs day by day (E-CDCTR: TPM monthly, CPM weekly, "
+                                        "A-CTR daily) and print the artifact timeline")
+    with_config(s)
+    s.add_argument("--start", required=True, metavar="YYYY-MM-DD", help="the first day (every job runs on it)")
+    s.add_argument("--days", type=int, default=90)
+    s.add_argument("--out", default="runs/schedule")
+    s.set_defaults(func=cmd_schedule)
 
     s = sub.add_parser("compare", help="several methods over several seeds → leaderboard")
     with_config(s)

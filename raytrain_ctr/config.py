@@ -26,6 +26,7 @@ import yaml
 from raytrain_ctr.embedding import check_sparse_optimizer
 from raytrain_ctr.models.backbones import ModelConfig
 from raytrain_ctr.spec import SpecError, check_keys
+from raytrain_ctr.windows import Window
 
 SPARSE_OPTIMIZERS = ("adam", "adagrad", "rowwise_adagrad", "sgd")
 
@@ -70,6 +71,9 @@ class ExperimentConfig:
     storage: str = "runs"
     name: str | None = None
     as_of: str | None = None  # ISO date the stages' time windows and `latest` inputs are relative to
+    # time windows (relative to as_of) of stages that declare none: "train" for every train split, a stage's
+    # name for its own, "eval" for the valid/test splits (E-CDCTR's baselines on the last month: train: [-1, 0])
+    windows: dict[str, Window] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.as_of is not None:
@@ -78,6 +82,8 @@ class ExperimentConfig:
             except ValueError:
                 raise SpecError(f"as_of: '{self.as_of}' is not a date (YYYY-MM-DD)") from None
             object.__setattr__(self, "as_of", str(self.as_of))
+        object.__setattr__(self, "windows", {str(k): Window.parse(v, f"windows.{k}")
+                                             for k, v in dict(self.windows or {}).items()})
         check_sparse_optimizer(self.model.embedding_backend, self.train.sparse_optimizer)
 
     @property
@@ -85,7 +91,14 @@ class ExperimentConfig:
         return self.name or f"{self.method}-s{self.train.seed}"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "windows": {k: w.as_list() for k, w in self.windows.items()}}
+
+    def window(self, stage: str, declared: Window | None = None, split: str = "train") -> Window | None:
+        """A stage's window of its train splits (``split="train"``) or of its valid/test splits
+        (``"eval"``): the one the stage declares, else the config's for the stage or the split."""
+        if declared is not None:
+            return declared
+        return self.windows.get(stage) if split == "train" and stage in self.windows else self.windows.get(split)
 
     def with_overrides(self, overrides: dict[str, Any]) -> ExperimentConfig:
         """Apply dotted overrides (``train.lr``, ``model.deep``, ``method_args.alpha``)."""
@@ -123,7 +136,8 @@ def from_dict(raw: dict, where: str = "config") -> ExperimentConfig:
         return ExperimentConfig(
             data=str(raw["data"]), method=raw["method"], method_args=dict(raw.get("method_args") or {}),
             model=ModelConfig(**model), train=TrainConfig(**train),
-            storage=str(raw.get("storage", "runs")), name=raw.get("name"), as_of=raw.get("as_of"))
+            storage=str(raw.get("storage", "runs")), name=raw.get("name"), as_of=raw.get("as_of"),
+            windows=dict(raw.get("windows") or {}))
     except TypeError as e:
         raise SpecError(f"{where}: {e}") from e
 

@@ -10,7 +10,7 @@ So a stage whose artifacts exist is skipped (a
 re-submitted job resumes where it stopped), and Source-only's training is the very
 artifact Fine-Tune, L2-SP and KEEP pre-train from. Inside a stage, Ray Train resumes from
 the last epoch checkpoint (``STORAGE/_ray/STAGE-KEY``). ``STORAGE/RUN/results.json`` maps
-the run's stages to their artifacts. ``stage=NAME`` runs one stage alone against its
+the run's stages to their artifacts. ``stage=NAME`` runs one stage (or one job: the stages ``NAME.*``) alone against its
 upstream artifacts (``force`` re-runs a finished stage from scratch). Finished stages are
 recorded in the artifact catalog (:mod:`raytrain_ctr.catalog`) under their ``as_of`` date, so a
 stage's ``latest`` input finds the newest upstream artifact valid as of its own date.
@@ -35,10 +35,11 @@ from raytrain_ctr.catalog import Catalog
 from raytrain_ctr.config import ExperimentConfig
 from raytrain_ctr.data.dataset import CTRDataset, DataError, join, resolve
 from raytrain_ctr.data.ingest import ExactlyOnceDataConfig, TimeWindow, read_split, user_clicks
-from raytrain_ctr.methods import Method, Stage, StageContext, get_method
-from raytrain_ctr.spec import SpecError
+from raytrain_ctr.methods import METHODS, Method, Stage, StageContext, get_method
+from raytrain_ctr.spec import SpecError, check_keys
 from raytrain_ctr.train.loop import METRICS_FILE, MODEL_FILE, StageJob, dataset_key, stage_train_config, train_stage
 from raytrain_ctr.train.metrics import Activity
+from raytrain_ctr.windows import Window
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +73,13 @@ def check_stage_inputs(cfg: ExperimentConfig, dataset: CTRDataset, method: Metho
     ``as_of``, inputs naming no earlier stage, and the model must build from the specs."""
     for d in (*stage.train_domains, stage.eval_domain):
         dataset.domain(d)
-    if (stage.window or stage.eval_window) and cfg.as_of is None:
+    check_keys(dict.fromkeys(cfg.windows), window_keys(), "config: windows")
+    window, eval_window = stage_windows(cfg, stage)
+    if (window or eval_window) and cfg.as_of is None:
         raise SpecError(f"stage '{stage.name}' of '{method.name}' reads a time window relative to as_of: set as_of "
                         f"(raytrain-ctr run --as-of YYYY-MM-DD)")
-    windowed = set(stage.train_domains) if stage.window else set()
-    windowed |= {stage.eval_domain} if stage.eval_window else set()
+    windowed = set(stage.train_domains) if window else set()
+    windowed |= {stage.eval_domain} if eval_window else set()
     for d in sorted(windowed):
         if not dataset.domain(d).spec.time:
             raise SpecError(f"stage '{stage.name}' reads a time window of domain '{d}', whose spec has no time field")
@@ -88,6 +91,17 @@ def check_stage_inputs(cfg: ExperimentConfig, dataset: CTRDataset, method: Metho
     specs = {d: dataset.domain(d).spec for d in dataset.domains}
     with torch.device("meta"):  # shapes only: no memory for (possibly huge) tables on the driver
         stage.hooks.build(StageContext(stage, specs, cfg.model, method.args))
+
+
+def window_keys() -> set[str]:
+    """What ``windows`` may name: every split ("train", "eval"), or a stage of any method (one config serves
+    several methods in a comparison)."""
+    return {"train", "eval", *(s.name for m in METHODS.values() for s in m().stages)}
+
+
+def stage_windows(cfg: ExperimentConfig, stage: Stage) -> tuple[Window | None, Window | None]:
+    """The windows of a stage's train splits and of its valid/test splits: the stage's own, else the config's."""
+    return cfg.window(stage.name, stage.window), cfg.window(stage.name, stage.eval_window, "eval")
 
 
 @dataclass(frozen=True)
@@ -132,7 +146,7 @@ def resolve_stages(cfg: ExperimentConfig, method: Method, dataset: CTRDataset | 
             "stage": [st.name if not st.plain else None, st.train_domains, st.eval_domain, st.freeze],
             "model": asdict(cfg.model), "train": tc,
         }
-        windows = (st.window, st.eval_window)
+        windows = stage_windows(cfg, st)
         fam_inputs, key_inputs, dirs = {}, {}, {}
         for name, inp in st.inputs.items():
             if inp.stage not in out:
@@ -219,7 +233,7 @@ def run_stage(cfg: ExperimentConfig, method: Method, dataset: CTRDataset, stage:
     DataContext.get_current().execution_options.preserve_order = tc.deterministic
     cache = tc.cache_mb << 20
     as_of = as_of_date(cfg)
-    train_window, eval_window = (TimeWindow(*w.bounds(as_of)) if w else None for w in (stage.window, stage.eval_window))
+    train_window, eval_window = (TimeWindow(*w.bounds(as_of)) if w else None for w in stage_windows(cfg, stage))
     extra = {d: diagnostic_columns(dataset, d, stage.diagnostics) for d in stage.train_domains}
     splits = {dataset_key(d, "train"): read_split(dataset, d, "train", window=train_window, extra_columns=extra[d],
                                                   shuffle_files=tc.shuffle_buffer > 0, seed=tc.seed,
@@ -270,7 +284,7 @@ def run(cfg: ExperimentConfig, stage: str | None = None, force: bool = False,
     """
     dataset = CTRDataset.load(cfg.data)
     method = get_method(cfg.method, cfg.method_args)
-    stages = method.stages if stage is None else [method.stage(stage)]
+    stages = method.stages if stage is None else method.job(stage)
     for st in stages:
         check_stage_inputs(cfg, dataset, method, st)
     fs, run_dir = resolve(_storage(cfg, cfg.run_name))
@@ -288,6 +302,7 @@ def run(cfg: ExperimentConfig, stage: str | None = None, force: bool = False,
         else:
             results[st.name] = run_stage(cfg, method, dataset, st, resolved, fresh=force, callbacks=callbacks)
         results[st.name]["artifact"] = art
+        results[st.name]["inputs"] = dict(resolved.inputs)  # the upstream artifact each input read
         cat.record(resolved.family, artifact_name(st, resolved.key), directory, cfg.as_of)
         if st.keep_last:
             cat.prune(resolved.family, st.keep_last)

@@ -51,6 +51,10 @@ SPACES["mkt"] = {"method_args.gamma": {"loguniform": [1e-3, 1.0]}, "method_args.
                  "method_args.levels": {"choice": [1, 2]}, "method_args.d_cke": {"choice": [32, 64, 128]},
                  "method_args.gate": {"choice": ["glu", "scalar", "linear"]}}
 SPACES["din"] = {"method_args.attention_hidden": {"choice": [[32], [64, 32], [80, 40]]}}
+# E-CDCTR §5.3: months of history (Table 5), the historical embeddings' dimension (Figure 4), BatchNorm
+# reloaded or not (Table 6), attention heads
+SPACES["e_cdctr"] = {"method_args.history": {"choice": [1, 2, 3]}, "method_args.tpm_dim": {"choice": [8, 16, 32]},
+                     "method_args.load": {"choice": ["all_but_bn", "all"]}, "method_args.heads": {"choice": [1, 2]}}
 # CDAnet §5.4.2 (Figure 6): α, β, K experts; and expert depth, tower depth, d
 SPACES["cdanet"] = {**SPACES["mmoe"], "method_args.alpha": {"loguniform": [1e-3, 1.0]},
                     "method_args.beta": {"loguniform": [1e-3, 1.0]}}

@@ -429,34 +429,6 @@ def test_keys_follow_as_of_and_latest_inputs_read_the_catalog(cadenced):
     assert again == week1  # the same date resolves to the same artifact: a re-run is skipped
 
 
-def window_rows(ds: CTRDataset, domain: str, window: Window, as_of: str) -> int:
-    start, end = window.bounds(dt.date.fromisoformat(as_of))
-    ts = pq.read_table(ds.files(domain, "train"), columns=["ts"]).column("ts").to_numpy()
-    return int(((ts >= start) & (ts < end)).sum())
-
-
-def test_a_cadenced_method_on_ray(cadenced, ray_local, tiny_data):
-    """Monthly and daily stages through the pipeline: each trains on its window's rows; a re-run
-    for the same date is a no-op; a later date reads the newest monthly artifact; keep_last prunes."""
-    ds, method = CTRDataset.load(tiny_data), get_method(cadenced.method)
-    cfg = cadenced.with_overrides({"model.backbone": "dnn", "model.deep": [16], "train.epochs": 1,
-                                   "train.batch_size": 1024, "train.sparse_lr": 0.01})
-    first = pipeline.run(cfg.with_overrides({"as_of": "2024-05-01"}))
-    for stage, domain in (("monthly", "source"), ("daily", "target")):
-        rows = window_rows(ds, domain, method.stage(stage).window, "2024-05-01")
-        assert 0 < first[stage]["history"][0]["train_rows"] == rows, stage
-    again = pipeline.run(cfg.with_overrides({"as_of": "2024-05-01"}))
-    assert again["monthly"]["skipped"] and again["daily"]["skipped"]
-    nextday = cfg.with_overrides({"as_of": "2024-05-02"})
-    daily = pipeline.run(nextday, stage="daily")["daily"]
-    assert "skipped" not in daily and daily["artifact"] != first["daily"]["artifact"]
-    assert pipeline.resolve_stages(nextday, method)["daily"].inputs["monthly"] == first["monthly"]["artifact"]
-    june = pipeline.run(cfg.with_overrides({"as_of": "2024-06-01"}), stage="monthly")["monthly"]
-    assert not Path(first["monthly"]["artifact"]).exists()  # keep_last 1: May's monthly artifact is pruned
-    later = pipeline.resolve_stages(cfg.with_overrides({"as_of": "2024-06-02"}), method)["daily"]
-    assert later.inputs["monthly"] == june["artifact"]
-
-
 def test_a_window_needs_as_of_and_a_time_field(cadenced, tiny_data):
     method = get_method(cadenced.method)
     ds = CTRDataset.load(tiny_data)

@@ -16,7 +16,9 @@ The planted mechanisms:
   probability) columns, which no spec lists as features);
 * heterogeneous schemas: ``src_channel`` only in the source, ``tgt_position`` only in
   the target, each with its own effect;
-* ``months`` of data with preferences drifting linearly (the last month is the present);
+* ``months`` of data with preferences drifting linearly (the last month is the present): 30-day
+  months from a fixed epoch, or calendar months from ``start`` (preset ``drift``: ten calendar
+  months, E-CDCTR's monthly windows; each user's stable preference plus a drifting part);
 * behaviour sequences ``hist_items`` drawn from each user's current preference;
 * ``entities`` (MKT's multi-entity setting, preset ``entities``): the two domains are two item
   entities with disjoint items, each with specific fields that carry signal (the source's
@@ -31,6 +33,8 @@ The planted mechanisms:
 
 from __future__ import annotations
 
+import calendar
+import datetime as dt
 import math
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -40,6 +44,7 @@ import pyarrow.parquet as pq
 
 from raytrain_ctr.data.dataset import join, resolve, write_dataset_yaml
 from raytrain_ctr.spec import DomainSpec, SpecError
+from raytrain_ctr.windows import add_months
 
 MONTH_SECONDS = 30 * 86400
 T0 = 1_700_000_000  # first month's start, unix seconds
@@ -66,6 +71,7 @@ class SynthConfig:
     seq_len: int = 10
     hetero: bool = True
     entities: bool = False         # two item entities: disjoint items, specific fields, a sequence per entity
+    start: str = ""                # ISO date: months are calendar months from it (empty: 30-day months from T0)
     emb_dim: int = 16
     rows_per_shard: int = 50_000
     seed: int = 0
@@ -79,6 +85,11 @@ PRESETS: dict[str, dict] = {
     "noisy": {"noise_frac": 0.4},
     "entities": {"entities": True, "rows": 150_000, "target_ratio": 0.15, "item_overlap": 0.0,
                  "user_overlap": 0.9, "noise_frac": 0.0},
+    # E-CDCTR (§4.1): ten calendar months from 2025-01-01, preferences drifting; a target a fifth of the
+    # source with most users and items shared, sparse per month (about two target rows per user a month)
+    "drift": {"rows": 400_000, "target_ratio": 0.2, "n_users": 10_000, "n_target_users": 3_000, "n_items": 2_000,
+              "user_overlap": 0.8, "item_overlap": 0.8, "months": 10, "start": "2025-01-01", "noise_frac": 0.0,
+              "rows_per_shard": 40_000},
     "large": {"rows": 1_000_000, "n_users": 100_000, "n_target_users": 20_000, "n_items": 20_000,
               "rows_per_shard": 100_000},
 }
@@ -91,7 +102,13 @@ def make_config(preset: str = "default", **overrides) -> SynthConfig:
     for k in overrides:
         if k not in valid:
             raise SpecError(f"unknown synth option '{k}' (valid: {sorted(valid)})")
-    return replace(SynthConfig(), **{**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}})
+    cfg = replace(SynthConfig(), **{**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}})
+    if cfg.start:
+        try:
+            dt.date.fromisoformat(cfg.start)
+        except ValueError:
+            raise SpecError(f"synth option start: '{cfg.start}' is not a date (YYYY-MM-DD)") from None
+    return cfg
 
 
 # ---- counter-based randomness: a pure function of (seed, stream, id, column) ----------------
@@ -222,7 +239,7 @@ def generate_shard(cfg: SynthConfig, domain: str, shard: int) -> pa.Table:
     users = world.user_ids(domain, zipf_ranks(rng, n_users, n, cfg.zipf))
     items = world.item_ids(domain, zipf_ranks(rng, n_items, n, cfg.zipf))
     month = rng.integers(0, cfg.months, n)
-    ts = T0 + month * MONTH_SECONDS + rng.integers(0, MONTH_SECONDS, n)
+    ts = timestamps(cfg, month, rng)
     u = world.user_pref(domain, users, month)
     pref = world.affinity(u, world.item_latent(items))
     age, gender = world.user_features(users)
@@ -275,6 +292,23 @@ def generate_shard(cfg: SynthConfig, domain: str, shard: int) -> pa.Table:
         "split": pa.array(split.astype(np.int8)),
     })
     return table
+
+
+def month_starts(cfg: SynthConfig) -> np.ndarray:
+    """Unix seconds of each month's start and of the last month's end (``months + 1`` values)."""
+    if not cfg.start:
+        return T0 + np.arange(cfg.months + 1, dtype=np.int64) * MONTH_SECONDS
+    first = dt.date.fromisoformat(cfg.start).replace(day=1)
+    days = [add_months(first, m) for m in range(cfg.months + 1)]
+    return np.array([calendar.timegm(d.timetuple()) for d in days], dtype=np.int64)
+
+
+def timestamps(cfg: SynthConfig, month: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A uniform second inside each row's month."""
+    if not cfg.start:  # the 30-day months' draw, kept as it was (the default data is unchanged byte for byte)
+        return T0 + month * MONTH_SECONDS + rng.integers(0, MONTH_SECONDS, len(month))
+    edges = month_starts(cfg)
+    return edges[month] + (rng.random(len(month)) * (edges[month + 1] - edges[month])).astype(np.int64)
 
 
 def behaviour(cfg: SynthConfig, world: World, rng: np.random.Generator, entity: str, u: np.ndarray,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -27,17 +29,30 @@ class MLP(nn.Sequential):
         self.out_dim = d
 
 
-class DeepLayer(nn.Module):
-    """One deep layer, ``h_{l+1} = ReLU(W_d h_l + b_d)`` (AutoFT eq. 6), with optional dropout."""
+class BatchNorm(nn.BatchNorm1d):
+    """``BatchNorm1d`` that normalises a batch of fewer than two rows (a worker's last or empty batch in
+    lockstep training) by its running statistics, which it leaves as they are."""
 
-    def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.0):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] < 2:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return super().forward(x)
+
+
+class DeepLayer(nn.Module):
+    """One deep layer, ``h_{l+1} = ReLU(W_d h_l + b_d)`` (AutoFT eq. 6), with optional BatchNorm
+    before the ReLU (E-CDCTR's complete model) and dropout."""
+
+    def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.0, batch_norm: bool = False):
         super().__init__()
         self.linear = nn.Linear(in_dim, out_dim)
+        self.norm = BatchNorm(out_dim) if batch_norm else None
         self.act = nn.ReLU()
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
 
     def forward(self, h):
-        return self.dropout(self.act(self.linear(h)))
+        h = self.linear(h)
+        return self.dropout(self.act(self.norm(h) if self.norm is not None else h))
 
 
 def tower(in_dim: int, width: int, depth: int, dropout: float = 0.0) -> MLP:

@@ -9,13 +9,14 @@ from raytrain_ctr.methods.base import Input, Method, Stage, StageContext, StageH
 from raytrain_ctr.methods.baselines import KEEP, L2SP, All, DINMethod, FineTune, SourceOnly, TargetOnly
 from raytrain_ctr.methods.cctl import CCTL
 from raytrain_ctr.methods.cdanet import CDAnet
+from raytrain_ctr.methods.e_cdctr import ECDCTR
 from raytrain_ctr.methods.joint import STAR, CoNet, MMoENet, PLENet, ShareBottom
 from raytrain_ctr.methods.mkt import MKT
 from raytrain_ctr.spec import SpecError, check_keys
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (TargetOnly, SourceOnly, All, FineTune, L2SP, KEEP, AutoFT,
                                                          SpotTune, ShareBottom, MMoENet, PLENet, STAR, CoNet, CDAnet,
-                                                         CCTL, DINMethod, MKT)}
+                                                         CCTL, DINMethod, MKT, ECDCTR)}
 
 
 def get_method(name: str, args: dict | None = None) -> Method:

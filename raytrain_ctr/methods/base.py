@@ -26,8 +26,6 @@ serving loads.
 
 from __future__ import annotations
 
-import calendar
-import datetime as dt
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,8 +40,7 @@ from raytrain_ctr.batch import Batch
 from raytrain_ctr.models.backbones import ModelConfig, build_model
 from raytrain_ctr.spec import DomainSpec, SpecError
 from raytrain_ctr.train.step import GroupOptimizer, ParamGroup, without_grad
-
-UNITS = ("day", "week", "month")
+from raytrain_ctr.windows import UNITS, Window
 
 
 @dataclass(frozen=True)
@@ -66,42 +63,6 @@ class Input:
     strip: str = ""
     into: str = ""
     latest: bool = False
-
-
-def add_months(day: dt.date, n: int) -> dt.date:
-    y, m = divmod(day.month - 1 + n, 12)
-    year, month = day.year + y, m + 1
-    return dt.date(year, month, min(day.day, calendar.monthrange(year, month)[1]))
-
-
-@dataclass(frozen=True)
-class Window:
-    """The rows with ``as_of + start·unit <= time < as_of + stop·unit`` (``unit``: day, week or
-    calendar month; midnight UTC). ``Window(-1)`` is the month before ``as_of``,
-    ``Window(-6, -1)`` the five months before that."""
-
-    start: int
-    stop: int = 0
-    unit: str = "month"
-
-    def __post_init__(self) -> None:
-        if self.unit not in UNITS:
-            raise SpecError(f"window unit '{self.unit}' is not one of {list(UNITS)}")
-        if self.stop <= self.start:
-            raise SpecError(f"window [{self.start}, {self.stop}) {self.unit}s is empty")
-
-    def shift(self, day: dt.date, n: int) -> dt.date:
-        if self.unit == "month":
-            return add_months(day, n)
-        return day + dt.timedelta(days=n * (7 if self.unit == "week" else 1))
-
-    def dates(self, as_of: dt.date) -> tuple[dt.date, dt.date]:
-        return self.shift(as_of, self.start), self.shift(as_of, self.stop)
-
-    def bounds(self, as_of: dt.date) -> tuple[int, int]:
-        """``[start, end)`` in unix seconds."""
-        return tuple(int(dt.datetime.combine(d, dt.time(), dt.timezone.utc).timestamp())  # type: ignore[return-value]
-                     for d in self.dates(as_of))
 
 
 def bce(logit: torch.Tensor, label: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -195,11 +156,16 @@ class Stage:
     window: Window | None = None  # the train splits' rows, relative to the run's as_of
     eval_window: Window | None = None  # the valid/test splits' rows, relative to the run's as_of
     keep_last: int | None = None  # artifacts of this stage kept in the catalog (older ones pruned)
+    every: str | None = None  # its job's cadence: "day", "week" (Mondays) or "month" (the 1st); see cadence.py
     args: tuple[str, ...] | None = None  # the method arguments that shape this stage (None: all); its key
     #                                      hashes only these, so variants differing elsewhere share it
     diagnostics: tuple[str, ...] = ()  # train-split columns handed to the hooks in ``batch.extra`` where the
     #                                    data has them (ground truth such as ``is_noise``), never features
     hooks: StageHooks = field(default_factory=StageHooks, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.every is not None and self.every not in UNITS:
+            raise SpecError(f"stage '{self.name}': every '{self.every}' is not one of {list(UNITS)}")
 
     @property
     def init_from(self) -> str | None:
@@ -226,6 +192,15 @@ class Method(ABC):
     @abstractmethod
     def stages(self) -> list[Stage]:
         """The stages in order; resolving them checks the arguments' values."""
+
+    def job(self, name: str) -> list[Stage]:
+        """The stages a job runs: the stage ``name``, or every stage ``name.*`` (E-CDCTR's monthly
+        ``tpm`` job runs ``tpm.m6`` … ``tpm.m1``)."""
+        found = [s for s in self.stages if s.name == name or s.name.startswith(f"{name}.")]
+        if not found:
+            jobs = list(dict.fromkeys(s.name.split(".")[0] for s in self.stages))
+            raise SpecError(f"method '{self.name}' has no stage or job '{name}' (jobs: {jobs})")
+        return found
 
     def stage(self, name: str) -> Stage:
         for s in self.stages:

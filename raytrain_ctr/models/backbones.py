@@ -43,20 +43,21 @@ class ModelConfig:
                             f"(one of {list(BACKENDS)})")
 
 
-def deep_layers(in_dim: int, sizes: tuple[int, ...], dropout: float) -> nn.ModuleList:
+def deep_layers(in_dim: int, sizes: tuple[int, ...], dropout: float, batch_norm: bool = False) -> nn.ModuleList:
     dims = (in_dim, *sizes)
-    return nn.ModuleList(DeepLayer(a, b, dropout) for a, b in zip(dims[:-1], dims[1:]))
+    return nn.ModuleList(DeepLayer(a, b, dropout, batch_norm) for a, b in zip(dims[:-1], dims[1:]))
 
 
 class Backbone(nn.Module):
-    """Cross layers (maybe none), deep layers, prediction layer (AutoFT eqs. 5–7)."""
+    """Cross layers (maybe none), deep layers (BatchNorm in each with ``batch_norm``), prediction
+    layer (AutoFT eqs. 5–7)."""
 
-    def __init__(self, cfg: ModelConfig, in_dim: int):
+    def __init__(self, cfg: ModelConfig, in_dim: int, batch_norm: bool = False):
         super().__init__()
         self.cfg = cfg
         cross = {"dcn": CrossLayer, "dcnv2": CrossLayerV2}.get(cfg.backbone)
         self.cross = nn.ModuleList(cross(in_dim) for _ in range(cfg.cross_layers)) if cross else nn.ModuleList()
-        self.deep = deep_layers(in_dim, tuple(cfg.deep), cfg.dropout)
+        self.deep = deep_layers(in_dim, tuple(cfg.deep), cfg.dropout, batch_norm)
         deep_out = cfg.deep[-1] if cfg.deep else in_dim
         self.head = nn.Linear((in_dim if cross else 0) + deep_out, 1)  # eq. 7
         self.linear = nn.Linear(in_dim, 1, bias=False) if cfg.backbone == "deepfm" else None
