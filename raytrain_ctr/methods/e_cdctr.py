@@ -198,14 +198,15 @@ class CompleteHooks(StageHooks):
 
 # ---- the method --------------------------------------------------------------------------------------
 
-TPM_ARGS = ("tpm_months", "tpm_fields", "tpm_deep", "tpm_dim", "tpm_epochs")
+TPM_ARGS = ("tpm_months", "tpm_fields", "tpm_deep", "tpm_dim", "tpm_epochs", "tpm_lr", "tpm_sparse_lr")
 
 
 class ECDCTR(Method):
     name = "e_cdctr"
     description = "TPM (monthly, 6 months of source) → CPM (weekly, last month of source) → A-CTR (daily, target)"
     arg_defaults = {"tpm_months": 6, "history": 3, "tpm_fields": (), "tpm_deep": (64,), "tpm_dim": None,
-                    "tpm_epochs": 1, "heads": 1, "batch_norm": True, "tpm": True, "cpm": True, "load": "all_but_bn"}
+                    "tpm_epochs": 1, "tpm_lr": 0.005, "tpm_sparse_lr": 0.05, "heads": 1, "batch_norm": True,
+                    "tpm": True, "cpm": True, "load": "all_but_bn"}
 
     @property
     def stages(self) -> list[Stage]:
@@ -231,6 +232,13 @@ class ECDCTR(Method):
                             eval_window=last, keep_last=1, every="day", hooks=CompleteHooks()))
         return stages
 
+    def tpm_train(self) -> dict:
+        """TPM's training budget: one pass over each month at a higher learning rate than CPM's (§4.4 trains
+        TPM at 50× CPM's rate on 50× larger batches; 5× here, measured on the drift preset: the newest
+        month's source AUC 0.668 at the default rates, 0.727 at these)."""
+        a = self.args
+        return {"epochs": int(a["tpm_epochs"]), "lr": float(a["tpm_lr"]), "sparse_lr": float(a["tpm_sparse_lr"])}
+
     def tpm_stages(self, months: int) -> list[Stage]:
         """Month ``-j-1`` of ``as_of`` for ``tpm.mJ``, oldest first, each warm-started from the month before."""
         out = []
@@ -238,6 +246,6 @@ class ECDCTR(Method):
             month = Window(-j - 1, -j)
             warm = {"warm": Input(f"tpm.m{j + 1}")} if j < months else {}
             out.append(Stage(f"tpm.m{j}", ("source",), eval_domain="source", inputs=warm, window=month,
-                             eval_window=month, overrides={"epochs": int(self.args["tpm_epochs"])}, keep_last=1,
+                             eval_window=month, overrides=self.tpm_train(), keep_last=1,
                              every="month", args=TPM_ARGS, hooks=TPMHooks()))
         return out
