@@ -102,6 +102,9 @@ def cmd_run(a: argparse.Namespace) -> None:
     results = pipeline.run(cfg, stage=a.stage, force=a.force)
     method = get_method(cfg.method, cfg.method_args)
     for name, r in results.items():
+        if r.get("transient"):
+            print(f"{cfg.method}/{name}: not kept (transient), and every stage reading it has its artifact")
+            continue
         state = "skipped (artifact exists)" if r.get("skipped") else f"best epoch {r['best_epoch']}"
         print(f"{cfg.method}/{name}: {state}; {method.stage(name).eval_domain} test AUC {r['test_auc']:.4f}, LogLoss "
               f"{r['test_logloss']:.4f}, GAUC {r.get('test_gauc', float('nan')):.4f} -> {r['artifact']}")

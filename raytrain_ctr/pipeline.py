@@ -274,12 +274,52 @@ def run_stage(cfg: ExperimentConfig, method: Method, dataset: CTRDataset, stage:
     return _read_json(fs, join(art, METRICS_FILE))
 
 
+def _finished(fs: pafs.FileSystem, art: str) -> bool:
+    return _exists(fs, join(art, METRICS_FILE)) and _exists(fs, join(art, MODEL_FILE))
+
+
+def _readers(stages: list[Stage], name: str) -> list[Stage]:
+    return [s for s in stages if any(i.stage == name for i in s.inputs.values())]
+
+
+def to_train(cfg: ExperimentConfig, method: Method, dataset: CTRDataset, stages: list[Stage], force: bool,
+             named: str | None = None) -> set[str]:
+    """The stages of a run that will train, from the keys before it starts: those without an artifact
+    (all with ``force``), except a ``transient`` one (unless it is the stage ``named``) that no stage
+    reading it in this run trains. Decides the transient stages (whose readers read them as they are,
+    not as the ``latest`` of the catalog); the others train whenever their artifact is missing."""
+    fs, _ = resolve(_storage(cfg))
+    keys = resolve_stages(cfg, method, dataset)
+    train: set[str] = set()
+    for st in reversed(stages):
+        if not force and _finished(fs, resolve(stage_dir(cfg, st, keys[st.name].key))[1]):
+            continue
+        readers = _readers(stages, st.name)
+        if st.transient and st.name != named and readers and not any(r.name in train for r in readers):
+            continue
+        train.add(st.name)
+    return train
+
+
+def drop_transient(cfg: ExperimentConfig, method: Method, dataset: CTRDataset, stages: list[Stage]) -> None:
+    """Delete the artifacts of transient stages once every stage of the method reading them has its own."""
+    fs, _ = resolve(_storage(cfg))
+    keys = resolve_stages(cfg, method, dataset)
+    for st in stages:
+        art = resolve(stage_dir(cfg, st, keys[st.name].key))[1]
+        readers = _readers(method.stages, st.name)
+        if st.transient and readers and fs.get_file_info(art).type == pafs.FileType.Directory and all(
+                _finished(fs, resolve(stage_dir(cfg, r, keys[r.name].key))[1]) for r in readers):
+            fs.delete_dir(art)
+
+
 def run(cfg: ExperimentConfig, stage: str | None = None, force: bool = False,
         callbacks: list | None = None) -> dict[str, dict]:
     """Run every stage of ``cfg.method``, or only ``stage``; finished stages are skipped unless ``force``.
 
     Each finished stage is recorded in the artifact catalog under its ``as_of`` date (and the
-    stage's older artifacts pruned to its ``keep_last``). ``callbacks`` go to the Ray Train
+    stage's older artifacts pruned to its ``keep_last``); a ``transient`` stage's artifact is deleted
+    once the stages reading it have theirs, and not trained again while they do. ``callbacks`` go to the Ray Train
     ``RunConfig`` of the stages that run (Tune's report callback).
     """
     dataset = CTRDataset.load(cfg.data)
@@ -292,20 +332,27 @@ def run(cfg: ExperimentConfig, stage: str | None = None, force: bool = False,
     with fs.open_output_stream(join(run_dir, "config.json")) as f:
         f.write(json.dumps(cfg.to_dict(), indent=2, default=str).encode())
     results, cat = {}, catalog(cfg)
+    train = to_train(cfg, method, dataset, stages, force, named=stage)
     for st in stages:
         resolved = resolve_stages(cfg, method, dataset)[st.name]  # after the stages before it: `latest` inputs see them
         directory = stage_dir(cfg, st, resolved.key)
         art = resolve(directory)[1]
-        if not force and _exists(fs, join(art, METRICS_FILE)) and _exists(fs, join(art, MODEL_FILE)):
+        if force or (not _finished(fs, art) and (not st.transient or st.name in train)):
+            results[st.name] = run_stage(cfg, method, dataset, st, resolved, fresh=force, callbacks=callbacks)
+        elif _finished(fs, art):
             log.info("stage %s: artifacts exist at %s, skipped", st.name, art)
             results[st.name] = {**_read_json(fs, join(art, METRICS_FILE)), "skipped": True}
         else:
-            results[st.name] = run_stage(cfg, method, dataset, st, resolved, fresh=force, callbacks=callbacks)
+            log.info("stage %s: transient, and every stage reading it has its artifact: not trained", st.name)
+            results[st.name] = {"skipped": True, "transient": True}
         results[st.name]["artifact"] = art
         results[st.name]["inputs"] = dict(resolved.inputs)  # the upstream artifact each input read
+        if st.transient:
+            continue
         cat.record(resolved.family, artifact_name(st, resolved.key), directory, cfg.as_of)
         if st.keep_last:
             cat.prune(resolved.family, st.keep_last)
+    drop_transient(cfg, method, dataset, stages)
     if not results:
         raise DataError(f"method '{cfg.method}' has no stages")
     with fs.open_output_stream(join(run_dir, "results.json")) as f:

@@ -4,16 +4,20 @@ local Ray with the tables sharded over 2 workers (a re-run is a no-op, a later d
 artifact, keep_last prunes, the export of the sharded run equals its model)."""
 
 import datetime as dt
+import os
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import load
+import torch.distributed as dist
+from helpers import load, spawn
 
 from raytrain_ctr import cadence, pipeline
 from raytrain_ctr.config import TrainConfig, from_dict
 from raytrain_ctr.data.dataset import CTRDataset
+from raytrain_ctr.embedding import shard_model, sharded_collections, unsharded_state
 from raytrain_ctr.methods import get_method
 from raytrain_ctr.methods.e_cdctr import CompleteModel, History, MergedHistory
 from raytrain_ctr.models.backbones import ModelConfig
@@ -23,7 +27,7 @@ from raytrain_ctr.train.sync import GradientSync
 from raytrain_ctr.windows import Window
 
 MCFG = ModelConfig(backbone="dcn", deep=(32, 16), cross_layers=1)
-SMALL = {"tpm_months": 2, "history": 2, "tpm_deep": (16,)}
+SMALL = {"tpm_months": 2, "snapshots": 2, "history": 2, "tpm_deep": (16,)}
 AS_OF = "2025-04-01"  # the fixture's months are January to April 2025: TPM on January and February, CPM in March
 
 
@@ -71,6 +75,7 @@ def test_tpm_months_never_overlap_the_month_cpm_trains_on():
     cpm = m.stage("cpm").inputs
     assert sorted(cpm) == ["m1", "m2", "m3"] and all(i.latest for i in cpm.values())  # the last three snapshots
     assert {s.keep_last for s in m.stages} == {1}  # only the newest run of each job is kept
+    assert [s.name for s in tpm if s.transient] == ["tpm.m6", "tpm.m5", "tpm.m4"]  # warm-up months: not kept
 
 
 def test_a_later_date_reads_the_newer_cpm_and_the_same_date_the_same(drift, tmp_path):
@@ -146,8 +151,41 @@ def test_actr_reinitialises_exactly_batchnorm_and_loads_the_rest(drift, tmp_path
     assert not any(torch.equal(mlp[k], cpm[k]) for k in mlp if k.startswith("embedding.tables."))
 
 
+def sharded_actr_worker(rank: int, world: int, port: int, data: str, inputs: dict, out: str) -> None:
+    """A-CTR built from CPM and TPM on 2 workers with every table sharded row-wise, gathered back whole."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    cfg = replace(MCFG, embedding_backend="torchrec")
+    method = get_method("e_cdctr", SMALL)
+    model, _ = build_stage_model(method, method.stage("actr"), specs_of(data), cfg, inputs)
+    tables = {t for _, c in sharded_collections(model) for t in c.table_names}
+    shard_model(model, world, {t: "row_wise" for t in tables}, 10**9, "adagrad", 0.05)
+    state = unsharded_state(model)
+    if rank == 0:
+        torch.save(state, f"{out}/actr.pt")
+    dist.destroy_process_group()
+
+
+def test_actr_on_two_workers_with_sharded_tables_reinitialises_exactly_batchnorm(drift, tmp_path):
+    m = get_method("e_cdctr", SMALL)
+    train(drift, m, "tpm.m2", None, tmp_path / "m2.pt")
+    train(drift, m, "tpm.m1", {"warm": str(tmp_path / "m2.pt")}, tmp_path / "m1.pt")
+    inputs = {"cpm": str(tmp_path / "cpm.pt"), "m1": str(tmp_path / "m1.pt"), "m2": str(tmp_path / "m2.pt")}
+    cpm = train(drift, m, "cpm", {"m1": inputs["m1"], "m2": inputs["m2"]}, tmp_path / "cpm.pt", steps=6).state_dict()
+    spawn(sharded_actr_worker, drift, inputs, str(tmp_path))
+    state = torch.load(tmp_path / "actr.pt")
+    bn = {k for k in cpm if ".norm." in k}
+    fresh = {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0, "num_batches_tracked": 0}
+    assert bn and all(torch.all(state[k] == fresh[k.rsplit(".", 1)[1]]) for k in bn)
+    tables = {k for k in state if k.startswith("embedding.tables.")}
+    assert tables and all(torch.equal(state[k], cpm[k]) for k in tables)  # gathered from the shards: CPM's rows
+    tpm = torch.load(inputs["m1"])
+    assert torch.equal(state["history.snapshots.m1.tables.item.weight"], tpm["embedding.tables.item.weight"])
+    assert all(torch.equal(state[k], cpm[k]) for k in set(state) - bn - tables if not k.startswith("history.snap"))
+
+
 def test_the_merged_serving_tables_predict_like_the_snapshots(drift, tmp_path):
-    m = get_method("e_cdctr", {**SMALL, "history": 1, "tpm_months": 1})
+    m = get_method("e_cdctr", {**SMALL, "history": 1, "snapshots": 1, "tpm_months": 1})
     train(drift, m, "tpm.m1", None, tmp_path / "m1.pt")
     model = train(drift, m, "actr", {"m1": str(tmp_path / "m1.pt")}, tmp_path / "actr.pt")
     model.eval()
@@ -160,8 +198,8 @@ def test_the_merged_serving_tables_predict_like_the_snapshots(drift, tmp_path):
 
 
 def test_argument_and_config_errors(drift):
-    with pytest.raises(SpecError, match=r"method_args.history: 4 months of snapshots out of tpm_months 3"):
-        get_method("e_cdctr", {"history": 4, "tpm_months": 3})
+    with pytest.raises(SpecError, match=r"history 4, snapshots 3, tpm_months 6: .*1 ≤ history ≤ snapshots"):
+        get_method("e_cdctr", {"history": 4})
     with pytest.raises(SpecError, match="method_args.load: 'bn' is not one of"):
         get_method("e_cdctr", {"load": "bn"})
     with pytest.raises(SpecError, match="unknown key 'tpm_month'; did you mean 'tpm_months'"):
@@ -186,9 +224,11 @@ def window_rows(data: str, domain: str, window: Window, as_of: str, split: str =
 
 def test_the_three_jobs_on_ray_with_sharded_tables(drift, ray_local, tmp_path):
     """The cadence of §3.6.1 over two days from a Monday on 2 workers (torchrec): the first day runs every job,
-    the second A-CTR alone against the same CPM and TPM; a re-run is a no-op; keep_last prunes the first
-    A-CTR; each stage read exactly its window's rows; the export of the sharded run equals its model."""
-    cfg = from_dict({"data": drift, "method": "e_cdctr", "method_args": SMALL, "storage": str(tmp_path / "runs"),
+    the second A-CTR alone against the same CPM and TPM; the warm-up month's snapshot is deleted and a
+    re-run is a no-op; keep_last prunes the first A-CTR; each stage read exactly its window's rows;
+    the export of the sharded run equals its model."""
+    args = {**SMALL, "snapshots": 1, "history": 1}  # tpm.m2 only warms tpm.m1 up
+    cfg = from_dict({"data": drift, "method": "e_cdctr", "method_args": args, "storage": str(tmp_path / "runs"),
                      "model": {"backbone": "dcn", "deep": [32, 16], "cross_layers": 1, "embedding_backend": "torchrec"},
                      "train": {"epochs": 2, "batch_size": 512, "lr": 0.003, "sparse_lr": 0.05,
                                "sparse_optimizer": "rowwise_adagrad", "workers": 2}})
@@ -201,10 +241,13 @@ def test_the_three_jobs_on_ray_with_sharded_tables(drift, ray_local, tmp_path):
     assert events[2].reads["m1"] == events[0].artifacts["tpm.m1"]
     stages = Path(tmp_path / "runs" / "stages")
     assert not (stages / events[2].artifacts["actr"]).exists()  # keep_last 1: the first day's A-CTR is pruned
-    method, again = get_method("e_cdctr", SMALL), {}
+    assert not (stages / events[0].artifacts["tpm.m2"]).exists() and (stages / events[0].artifacts["tpm.m1"]).exists()
+    method, again = get_method("e_cdctr", args), {}
     for day, job in (("2025-03-24", "tpm"), ("2025-03-24", "cpm"), ("2025-03-25", "actr")):
         for name, r in pipeline.run(cfg.with_overrides({"as_of": day}), stage=job).items():
             assert r.get("skipped"), name  # a re-run of a job for its date trains nothing
+            if r.get("transient"):
+                continue
             st = method.stage(name)
             assert 0 < r["history"][0]["train_rows"] == window_rows(drift, st.train_domains[0], st.window, day), name
             again[name] = r
@@ -212,6 +255,7 @@ def test_the_three_jobs_on_ray_with_sharded_tables(drift, ray_local, tmp_path):
     assert actr["test_auc"] > 0.55 and actr["test_gauc"] > 0.5
     model = CompleteModel(list(specs_of(drift).values()), MCFG,
                           History.of(list(specs_of(drift).values()), MCFG, method.args), True)
+    assert list(model.history.snapshots) == ["m1"]
     model.load_state_dict(torch.load(Path(actr["artifact"]) / "model.pt"))
     model.eval()
     served = model.served()

@@ -157,6 +157,8 @@ class Stage:
     eval_window: Window | None = None  # the valid/test splits' rows, relative to the run's as_of
     keep_last: int | None = None  # artifacts of this stage kept in the catalog (older ones pruned)
     every: str | None = None  # its job's cadence: "day", "week" (Mondays) or "month" (the 1st); see cadence.py
+    transient: bool = False  # an intermediate artifact: deleted once the stages reading it have theirs, and not
+    #                          trained again while they do (E-CDCTR's warm-up months)
     args: tuple[str, ...] | None = None  # the method arguments that shape this stage (None: all); its key
     #                                      hashes only these, so variants differing elsewhere share it
     diagnostics: tuple[str, ...] = ()  # train-split columns handed to the hooks in ``batch.extra`` where the

@@ -4,8 +4,9 @@
   groups: ids, categories, profiles) and a shallow MLP, trained on the source month by month over
   six months (stages ``tpm.m6`` … ``tpm.m1``, each warm-started from the month before). A month's
   stage artifact is the snapshot of the tables at that month's end; the newest three
-  (``tpm.m3`` … ``tpm.m1``, ``emb_3`` … ``emb_1`` of eq. 2) are read downstream, the older months only
-  warm the model up (§3.6.1).
+  (``tpm.m3`` … ``tpm.m1``, ``emb_3`` … ``emb_1`` of eq. 2, ``snapshots``) are kept and read downstream,
+  the older months only warm the model up (§3.6.1): transient stages, deleted once the newest three
+  exist.
 * **No overlap** (§3.4, Figure 3): TPM's months end one month before its ``as_of``, so its newest
   snapshot ends where the month CPM trains on begins; a CPM or A-CTR reading the latest TPM never
   finds its own training rows in the snapshots.
@@ -204,20 +205,21 @@ TPM_ARGS = ("tpm_months", "tpm_fields", "tpm_deep", "tpm_dim", "tpm_epochs", "tp
 class ECDCTR(Method):
     name = "e_cdctr"
     description = "TPM (monthly, 6 months of source) → CPM (weekly, last month of source) → A-CTR (daily, target)"
-    arg_defaults = {"tpm_months": 6, "history": 3, "tpm_fields": (), "tpm_deep": (64,), "tpm_dim": None,
-                    "tpm_epochs": 1, "tpm_lr": 0.005, "tpm_sparse_lr": 0.05, "heads": 1, "batch_norm": True,
-                    "tpm": True, "cpm": True, "load": "all_but_bn"}
+    arg_defaults = {"tpm_months": 6, "snapshots": 3, "history": 3, "tpm_fields": (), "tpm_deep": (64,),
+                    "tpm_dim": None, "tpm_epochs": 1, "tpm_lr": 0.005, "tpm_sparse_lr": 0.05, "heads": 1,
+                    "batch_norm": True, "tpm": True, "cpm": True, "load": "all_but_bn"}
 
     @property
     def stages(self) -> list[Stage]:
         a = self.args
-        months, history = int(a["tpm_months"]), int(a["history"])
-        if not 1 <= history <= months:
-            raise SpecError(f"method_args.history: {history} months of snapshots out of tpm_months {months} "
-                            f"(1 ≤ history ≤ tpm_months)")
+        months, history, kept = int(a["tpm_months"]), int(a["history"]), int(a["snapshots"])
+        if not 1 <= history <= kept <= months:
+            raise SpecError(f"method_args: history {history}, snapshots {kept}, tpm_months {months}: the months read "
+                            f"are among the snapshots kept, which are among TPM's months (1 ≤ history ≤ snapshots ≤ "
+                            f"tpm_months)")
         if a["load"] not in LOADS:
             raise SpecError(f"method_args.load: '{a['load']}' is not one of {list(LOADS)} (Table 6)")
-        stages = self.tpm_stages(months) if a["tpm"] else []
+        stages = self.tpm_stages(months, kept) if a["tpm"] else []
         snapshots = {f"m{j}": Input(f"tpm.m{j}", include=("embedding.tables.*",), strip="embedding.",
                                     into=f"history.snapshots.m{j}.", latest=True)
                      for j in range(1, history + 1)} if a["tpm"] else {}
@@ -239,13 +241,14 @@ class ECDCTR(Method):
         a = self.args
         return {"epochs": int(a["tpm_epochs"]), "lr": float(a["tpm_lr"]), "sparse_lr": float(a["tpm_sparse_lr"])}
 
-    def tpm_stages(self, months: int) -> list[Stage]:
-        """Month ``-j-1`` of ``as_of`` for ``tpm.mJ``, oldest first, each warm-started from the month before."""
+    def tpm_stages(self, months: int, kept: int) -> list[Stage]:
+        """Month ``-j-1`` of ``as_of`` for ``tpm.mJ``, oldest first, each warm-started from the month before;
+        the snapshots beyond the newest ``kept`` only warm the model up (transient)."""
         out = []
         for j in range(months, 0, -1):
             month = Window(-j - 1, -j)
             warm = {"warm": Input(f"tpm.m{j + 1}")} if j < months else {}
             out.append(Stage(f"tpm.m{j}", ("source",), eval_domain="source", inputs=warm, window=month,
                              eval_window=month, overrides=self.tpm_train(), keep_last=1,
-                             every="month", args=TPM_ARGS, hooks=TPMHooks()))
+                             every="month", transient=j > kept, args=TPM_ARGS, hooks=TPMHooks()))
         return out
