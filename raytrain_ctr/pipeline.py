@@ -133,7 +133,7 @@ def resolve_stages(cfg: ExperimentConfig, method: Method, dataset: CTRDataset | 
     the time windows resolved against ``as_of``, and each
     input's load rule and upstream artifact (``latest`` inputs: the catalog's answer as of the date)."""
     as_of, cat, out = as_of_date(cfg), catalog(cfg), {}
-    version = (dataset or CTRDataset.load(cfg.data)).fingerprint
+    dataset = dataset or CTRDataset.load(cfg.data)
     keys: dict[str, str] = {}
     for st in method.stages:
         tc = asdict(stage_train_config(cfg, st.overrides))
@@ -162,7 +162,9 @@ def resolve_stages(cfg: ExperimentConfig, method: Method, dataset: CTRDataset | 
                 key_inputs[name], dirs[name] = [*rule, artifact_name(up, keys)], stage_dir(cfg, up, keys)
         family = _digest({**ident, "windows": [w and asdict(w) for w in windows], "inputs": fam_inputs})
         resolved = [w and (w.dates(as_of) if as_of else None) for w in windows]
-        key = _digest({**ident, "windows": resolved, "inputs": key_inputs, "data_version": version})
+        bounds = [w.bounds(as_of) for w in windows if w] if as_of else []
+        within = (min(b[0] for b in bounds), max(b[1] for b in bounds)) if bounds and all(windows) else None
+        key = _digest({**ident, "windows": resolved, "inputs": key_inputs, "data_version": dataset.version(within)})
         out[st.name] = Resolved(key, family, dirs)
         keys[st.name] = key
     return out

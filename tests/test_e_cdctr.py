@@ -263,3 +263,32 @@ def test_the_three_jobs_on_ray_with_sharded_tables(drift, ray_local, tmp_path):
     b = load(CTRDataset.load(drift), "target", "test")
     with torch.no_grad():
         assert (model(b) - served(b)).abs().max() <= 1e-5
+
+
+def test_data_arriving_after_a_window_leaves_the_stage_keys_as_they_were(drift, tmp_path):
+    """The data version in a windowed stage's key covers the files whose time range (Parquet footer
+    statistics) meets its windows: tomorrow's files do not turn today's re-run into a new training."""
+    import shutil
+
+    import pyarrow as pa
+
+    data = str(tmp_path / "data")
+    shutil.copytree(drift, data)
+    cfg = from_dict({"data": data, "method": "e_cdctr", "method_args": SMALL, "storage": str(tmp_path / "runs"),
+                     "as_of": AS_OF})
+    plain = cfg.with_overrides({"method": "target_only", "method_args": {}})
+
+    def keys() -> tuple[dict, dict]:
+        return (pipeline.stage_keys(cfg, get_method("e_cdctr", SMALL)),
+                pipeline.stage_keys(plain, get_method("target_only")))
+
+    before = keys()
+    table = pq.read_table(CTRDataset.load(data).files("target", "train")[0])
+    later = table.set_column(table.schema.get_field_index("ts"), "ts",
+                             pa.array(table.column("ts").to_numpy() + 86400 * 200))  # months after as_of
+    pq.write_table(later, Path(data, "target", "train", "part-later.parquet"))
+    after = keys()
+    assert after[0] == before[0]  # every E-CDCTR stage reads a window the new file is outside of
+    assert after[1] != before[1]  # Target-only without a window reads every row: new data, new key
+    pq.write_table(table, Path(data, "target", "train", "part-inside.parquet"))  # rows inside the windows
+    assert keys()[0]["actr"] != before[0]["actr"]

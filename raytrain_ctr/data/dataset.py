@@ -129,19 +129,56 @@ class CTRDataset:
         return files
 
     @cached_property
-    def fingerprint(self) -> str:
-        """A digest of the specs and of every file under the domains' paths (name, size, modification
+    def _listing(self) -> dict[str, list[tuple[str, int, int]]]:
+        """Per domain, every file under its path: (path, size, modification time), listed once."""
+        out = {}
+        for name, d in self.domains.items():
+            sel = pafs.FileSelector(d.path, recursive=True, allow_not_found=True)
+            out[name] = sorted((i.path, i.size, i.mtime_ns) for i in self.filesystem.get_file_info(sel)
+                               if i.type == pafs.FileType.File)
+        return out
+
+    @cached_property
+    def _time_ranges(self) -> dict[str, tuple[int, int] | None]:
+        """Each Parquet file's ``[min, max]`` of its domain's time field, from the footer statistics
+        (None where the footers have none)."""
+        import pyarrow.parquet as pq
+
+        out: dict[str, tuple[int, int] | None] = {}
+        for name, d in self.domains.items():
+            for path, _, _ in self._listing[name]:
+                out[path] = None
+                if not d.spec.time or not path.endswith(".parquet"):
+                    continue
+                meta = pq.read_metadata(path, filesystem=self.filesystem)
+                leaves = [meta.schema.column(c).path for c in range(meta.num_columns)]
+                if d.spec.time not in leaves:
+                    continue
+                col = leaves.index(d.spec.time)
+                stats = [meta.row_group(g).column(col).statistics for g in range(meta.num_row_groups)]
+                if stats and all(s is not None and s.has_min_max for s in stats):
+                    out[path] = (min(s.min for s in stats), max(s.max for s in stats))
+        return out
+
+    def version(self, within: tuple[int, int] | None = None) -> str:
+        """A digest of the specs and of the files under the domains' paths (name, size, modification
         time): it changes when the data is rewritten, so stage artifacts of the old data are not reused.
-        Listed once per loaded dataset."""
+        ``within`` (``[start, end)`` of the time field): files whose rows all lie outside it are left out,
+        so data arriving after a cadenced stage's window does not change that stage's key."""
         h = hashlib.sha256()
         for name in sorted(self.domains):
             d = self.domains[name]
             h.update(repr((name, asdict(d.spec), sorted(d.where.items()))).encode())
-            sel = pafs.FileSelector(d.path, recursive=True, allow_not_found=True)
-            for i in sorted(self.filesystem.get_file_info(sel), key=lambda i: i.path):
-                if i.type == pafs.FileType.File:
-                    h.update(repr((i.path[len(d.path):], i.size, i.mtime_ns)).encode())
+            for path, size, mtime in self._listing[name]:
+                span = self._time_ranges[path] if within else None
+                if span is None or (span[0] < within[1] and span[1] >= within[0]):
+                    h.update(repr((path[len(d.path):], size, mtime)).encode())
         return h.hexdigest()[:16]
+
+    @property
+    def fingerprint(self) -> str:
+        """:meth:`version` of every file."""
+        return self.version()
 
     def has_split(self, domain: str, split: str) -> bool:
         return self.filesystem.get_file_info(join(self.domain(domain).path, split)).type == pafs.FileType.Directory
