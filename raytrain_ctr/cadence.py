@@ -32,7 +32,7 @@ def jobs(method: Method) -> list[tuple[str, str]]:
     for s in method.stages:
         if s.every is None:
             raise SpecError(f"stage '{s.name}' of '{method.name}' declares no cadence (Stage.every)")
-        out.setdefault(s.name.split(".")[0], s.every)
+        out.setdefault(s.job, s.every)
     return list(out.items())
 
 

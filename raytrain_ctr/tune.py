@@ -97,8 +97,8 @@ def _trial(params: dict[str, Any], base: dict) -> None:
     cfg = ExperimentConfig.with_overrides(base["cfg"], {**params, "name": f"trial-{tune.get_context().get_trial_id()}"})
     method = get_method(cfg.method, cfg.method_args)
     *upstream, last = method.stages
-    for st in upstream:
-        pipeline.run(cfg, stage=st.name)
+    for job in dict.fromkeys(s.job if s.job != last.job else s.name for s in upstream):  # transient stages skipped
+        pipeline.run(cfg, stage=job)
     pipeline.run(cfg, stage=last.name, callbacks=[TuneReportCallback()])
 
 

@@ -74,6 +74,7 @@ def test_tpm_months_never_overlap_the_month_cpm_trains_on():
         assert m.stage("actr").window.dates(day) == (cpm_start, day)
     cpm = m.stage("cpm").inputs
     assert sorted(cpm) == ["m1", "m2", "m3"] and all(i.latest for i in cpm.values())  # the last three snapshots
+    assert sorted(m.stage("actr").inputs) == ["cpm"]  # and A-CTR the ones its CPM was trained with
     assert {s.keep_last for s in m.stages} == {1}  # only the newest run of each job is kept
     assert [s.name for s in tpm if s.transient] == ["tpm.m6", "tpm.m5", "tpm.m4"]  # warm-up months: not kept
 
@@ -93,7 +94,9 @@ def test_a_later_date_reads_the_newer_cpm_and_the_same_date_the_same(drift, tmp_
                       for d in ("2025-04-01", "2025-04-08"))
     assert tuesday.inputs["cpm"].endswith(made["2025-03-31"]["cpm"].key)
     assert later.inputs["cpm"].endswith(made["2025-04-07"]["cpm"].key)  # the newer CPM
-    assert later.inputs["m1"].endswith(made["2025-04-07"]["tpm.m1"].key)
+    assert sorted(later.inputs) == ["cpm"]  # A-CTR reads TPM's snapshots through CPM: the ones CPM was trained with
+    cpm = pipeline.resolve_stages(cfg.with_overrides({"as_of": "2025-04-08"}), method)["cpm"]
+    assert cpm.inputs["m1"].endswith(made["2025-04-07"]["tpm.m1"].key)  # and CPM the newest TPM
     assert pipeline.resolve_stages(cfg.with_overrides({"as_of": "2025-04-01"}), method)["actr"] == tuesday
 
 
@@ -125,7 +128,7 @@ def test_actr_reinitialises_exactly_batchnorm_and_loads_the_rest(drift, tmp_path
     def actr(load_rule: str) -> dict:
         method = get_method("e_cdctr", {**SMALL, "load": load_rule})
         model, _ = build_stage_model(method, method.stage("actr"), specs_of(drift), MCFG,
-                                     {"cpm": str(tmp_path / "cpm.pt"), **snaps})
+                                     {"cpm": str(tmp_path / "cpm.pt")})
         return model.state_dict()
 
     state = actr("all_but_bn")
@@ -133,7 +136,7 @@ def test_actr_reinitialises_exactly_batchnorm_and_loads_the_rest(drift, tmp_path
     for k in bn:
         assert torch.all(state[k] == fresh[k.rsplit(".", 1)[1]]), k  # re-initialised
     snapshot_keys = {k for k in state if k.startswith("history.snapshots.")}
-    for k in snapshot_keys:  # from TPM itself: history.snapshots.mJ.tables.T.weight = TPM mJ's embedding.tables.T
+    for k in snapshot_keys:  # TPM's, through CPM: history.snapshots.mJ.tables.T.weight = TPM mJ's embedding.tables.T
         j, table = k.split(".")[2], k.split(".")[4]
         tpm_state = torch.load(snaps[j])
         assert torch.equal(state[k], tpm_state[f"embedding.tables.{table}.weight"])
@@ -170,8 +173,9 @@ def test_actr_on_two_workers_with_sharded_tables_reinitialises_exactly_batchnorm
     m = get_method("e_cdctr", SMALL)
     train(drift, m, "tpm.m2", None, tmp_path / "m2.pt")
     train(drift, m, "tpm.m1", {"warm": str(tmp_path / "m2.pt")}, tmp_path / "m1.pt")
-    inputs = {"cpm": str(tmp_path / "cpm.pt"), "m1": str(tmp_path / "m1.pt"), "m2": str(tmp_path / "m2.pt")}
-    cpm = train(drift, m, "cpm", {"m1": inputs["m1"], "m2": inputs["m2"]}, tmp_path / "cpm.pt", steps=6).state_dict()
+    inputs = {"cpm": str(tmp_path / "cpm.pt")}
+    snaps = {"m1": str(tmp_path / "m1.pt"), "m2": str(tmp_path / "m2.pt")}
+    cpm = train(drift, m, "cpm", snaps, tmp_path / "cpm.pt", steps=6).state_dict()
     spawn(sharded_actr_worker, drift, inputs, str(tmp_path))
     state = torch.load(tmp_path / "actr.pt")
     bn = {k for k in cpm if ".norm." in k}
@@ -179,13 +183,13 @@ def test_actr_on_two_workers_with_sharded_tables_reinitialises_exactly_batchnorm
     assert bn and all(torch.all(state[k] == fresh[k.rsplit(".", 1)[1]]) for k in bn)
     tables = {k for k in state if k.startswith("embedding.tables.")}
     assert tables and all(torch.equal(state[k], cpm[k]) for k in tables)  # gathered from the shards: CPM's rows
-    tpm = torch.load(inputs["m1"])
+    tpm = torch.load(snaps["m1"])
     assert torch.equal(state["history.snapshots.m1.tables.item.weight"], tpm["embedding.tables.item.weight"])
     assert all(torch.equal(state[k], cpm[k]) for k in set(state) - bn - tables if not k.startswith("history.snap"))
 
 
 def test_the_merged_serving_tables_predict_like_the_snapshots(drift, tmp_path):
-    m = get_method("e_cdctr", {**SMALL, "history": 1, "snapshots": 1, "tpm_months": 1})
+    m = get_method("e_cdctr", {**SMALL, "history": 1, "snapshots": 1, "tpm_months": 1, "cpm": False})
     train(drift, m, "tpm.m1", None, tmp_path / "m1.pt")
     model = train(drift, m, "actr", {"m1": str(tmp_path / "m1.pt")}, tmp_path / "actr.pt")
     model.eval()
@@ -238,7 +242,7 @@ def test_the_three_jobs_on_ray_with_sharded_tables(drift, ray_local, tmp_path):
     assert events[0].trained == ["tpm.m2", "tpm.m1"] and events[3].trained == ["actr"]
     assert events[3].reads == events[2].reads  # the same CPM (weekly) and TPM snapshots (monthly)
     assert events[3].reads["cpm"] == events[1].artifacts["cpm"]
-    assert events[2].reads["m1"] == events[0].artifacts["tpm.m1"]
+    assert events[1].reads["m1"] == events[0].artifacts["tpm.m1"]
     stages = Path(tmp_path / "runs" / "stages")
     assert not (stages / events[2].artifacts["actr"]).exists()  # keep_last 1: the first day's A-CTR is pruned
     assert not (stages / events[0].artifacts["tpm.m2"]).exists() and (stages / events[0].artifacts["tpm.m1"]).exists()

@@ -1,4 +1,5 @@
-"""Two gloo workers, each stepping on half of a batch, make the same update as one process on all of it."""
+"""Two gloo workers, each stepping on half of a batch, make the same update as one process on all of it;
+their normalisation statistics are averaged before evaluation."""
 
 import os
 
@@ -10,10 +11,12 @@ from helpers import spawn
 from raytrain_ctr.config import TrainConfig
 from raytrain_ctr.data.dataset import CTRDataset
 from raytrain_ctr.data.encode import FeatureEncoder
+from raytrain_ctr.layers.experts import PartitionedNorm
+from raytrain_ctr.layers.mlp import BatchNorm
 from raytrain_ctr.methods import get_method
 from raytrain_ctr.models.backbones import ModelConfig
 from raytrain_ctr.train.loop import build_stage_model, make_optimizers, train_step
-from raytrain_ctr.train.sync import GradientSync
+from raytrain_ctr.train.sync import GradientSync, average_statistics
 
 
 def steps(data: str, rank: int, world: int, n_steps: int = 3) -> dict:
@@ -45,3 +48,28 @@ def test_two_workers_equal_one_process(tiny_data, tmp_path):
     for k in single:
         assert torch.equal(r0[k], r1[k]), f"workers disagree on {k}"
         assert torch.allclose(r0[k], single[k], atol=1e-5), f"{k} differs from the one-process update"
+
+
+def statistics_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Each worker's BatchNorm (and STAR's partitioned norm) sees its own batches; averaged, they agree."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(rank)
+    model = torch.nn.Sequential(BatchNorm(4), PartitionedNorm(4, ["source", "target"]))
+    model.train()
+    model[0](torch.randn(64, 4) * (rank + 1) + rank)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    average_statistics(model)
+    torch.save({"before": before, "after": model.state_dict()}, f"{out}/stats{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_normalisation_statistics_are_averaged_over_workers(tmp_path):
+    spawn(statistics_worker, str(tmp_path))
+    r0, r1 = (torch.load(tmp_path / f"stats{r}.pt") for r in (0, 1))
+    for k in ("0.running_mean", "0.running_var"):
+        assert not torch.allclose(r0["before"][k], r1["before"][k])
+        assert torch.allclose(r0["after"][k], (r0["before"][k] + r1["before"][k]) / 2)
+        assert torch.equal(r0["after"][k], r1["after"][k])
+    assert torch.equal(r0["after"]["0.num_batches_tracked"], r0["before"]["0.num_batches_tracked"])
+    assert any(k.startswith("1.running_") for k in r0["after"])

@@ -140,8 +140,9 @@ class CTRDataset:
 
     @cached_property
     def _time_ranges(self) -> dict[str, tuple[int, int] | None]:
-        """Each Parquet file's ``[min, max]`` of its domain's time field, from the footer statistics
-        (None where the footers have none)."""
+        """Each Parquet file's ``[min, max]`` of its domain's time field (unix seconds), from the footer
+        statistics (None where the footers have none, or the column is not integer seconds: such files
+        count as meeting every window)."""
         import pyarrow.parquet as pq
 
         out: dict[str, tuple[int, int] | None] = {}
@@ -156,7 +157,7 @@ class CTRDataset:
                     continue
                 col = leaves.index(d.spec.time)
                 stats = [meta.row_group(g).column(col).statistics for g in range(meta.num_row_groups)]
-                if stats and all(s is not None and s.has_min_max for s in stats):
+                if stats and all(s is not None and s.has_min_max and isinstance(s.min, int) for s in stats):
                     out[path] = (min(s.min for s in stats), max(s.max for s in stats))
         return out
 

@@ -170,6 +170,11 @@ class Stage:
             raise SpecError(f"stage '{self.name}': every '{self.every}' is not one of {list(UNITS)}")
 
     @property
+    def job(self) -> str:
+        """The job the stage belongs to: its name up to the first dot (``tpm.m3`` → ``tpm``)."""
+        return self.name.split(".")[0]
+
+    @property
     def init_from(self) -> str | None:
         """The upstream stage of the first input (None without inputs)."""
         return next((i.stage for i in self.inputs.values()), None)
@@ -198,9 +203,9 @@ class Method(ABC):
     def job(self, name: str) -> list[Stage]:
         """The stages a job runs: the stage ``name``, or every stage ``name.*`` (E-CDCTR's monthly
         ``tpm`` job runs ``tpm.m6`` … ``tpm.m1``)."""
-        found = [s for s in self.stages if s.name == name or s.name.startswith(f"{name}.")]
+        found = [s for s in self.stages if name in (s.name, s.job)]
         if not found:
-            jobs = list(dict.fromkeys(s.name.split(".")[0] for s in self.stages))
+            jobs = list(dict.fromkeys(s.job for s in self.stages))
             raise SpecError(f"method '{self.name}' has no stage or job '{name}' (jobs: {jobs})")
         return found
 

@@ -15,7 +15,9 @@
   historical embeddings: per side (user, item), the id's rows in the last three snapshots,
   stacked (eq. 2), through self-attention and mean pooling (eq. 3).
 * **A-CTR** (§3.5): the same model, initialised from the latest CPM except every BatchNorm
-  (re-initialised), fine-tuned on the last month of target data with the same historical inputs.
+  (re-initialised), fine-tuned on the last month of target data with the same historical inputs:
+  the snapshots CPM was trained with, loaded through CPM (a new month's TPM run starts from
+  scratch, so its tables live in another space than the one CPM's attention and MLP learnt).
 * **Cadence** (§3.6.1): the jobs ``tpm`` (monthly, on the 1st), ``cpm`` (weekly, on Mondays) and
   ``actr`` (daily), each reading the latest upstream artifact valid as of its date, each keeping
   only its newest artifact (the snapshots of the newest TPM run: three, plus its warm-up months).
@@ -48,12 +50,12 @@ from raytrain_ctr.windows import Window
 SNAPSHOTS = "history.snapshots.*"  # the TPM tables loaded into CPM and A-CTR: frozen, never loaded from CPM
 BATCH_NORM = ("*BatchNorm*",)
 
-# Table 6: what A-CTR loads from CPM (the TPM snapshots come from TPM itself)
+# Table 6: what A-CTR loads from CPM; the TPM snapshots CPM was trained with come along in every case
 LOADS: dict[str, dict] = {
-    "all_but_bn": {"exclude": (SNAPSHOTS,), "exclude_modules": BATCH_NORM},  # E-CDCTR
-    "all": {"exclude": (SNAPSHOTS,)},
-    "embeddings": {"include": ("embedding.*",)},
-    "mlp": {"exclude": ("embedding.*", SNAPSHOTS), "exclude_modules": BATCH_NORM},
+    "all_but_bn": {"exclude_modules": BATCH_NORM},  # E-CDCTR
+    "all": {},
+    "embeddings": {"include": ("embedding.*", SNAPSHOTS)},
+    "mlp": {"exclude": ("embedding.*",), "exclude_modules": BATCH_NORM},
 }
 
 
@@ -131,15 +133,17 @@ class History(nn.Module):
     @torch.no_grad()
     def merged(self, chunk: int = 65_536) -> MergedHistory:
         """§3.6.2: every row's ``e_mean`` computed once through the (fixed) attention: one table per side."""
-        tables = {}
+        tables, training = {}, self.training
+        self.eval()
         for f in self.fields:
-            n = self.snapshots["m1"].tables[f.table].num_embeddings
-            pool = self.pool[f.name].eval()
+            weight = self.snapshots["m1"].tables[f.table].weight
             out = []
-            for lo in range(0, n, chunk):
-                rows = torch.arange(lo, min(lo + chunk, n))
-                out.append(pool(torch.stack([s.tables[f.table](rows) for s in self.snapshots.values()], 1)))
+            for lo in range(0, weight.shape[0], chunk):
+                rows = torch.arange(lo, min(lo + chunk, weight.shape[0]), device=weight.device)
+                e = torch.stack([s.tables[f.table](rows) for s in self.snapshots.values()], 1)  # eq. 2, every id
+                out.append(self.pool[f.name](e))
             tables[f.name] = nn.Embedding.from_pretrained(torch.cat(out), freeze=True)
+        self.train(training)
         return MergedHistory(self.fields, tables, self.out_dim)
 
 
@@ -199,7 +203,7 @@ class CompleteHooks(StageHooks):
 
 # ---- the method --------------------------------------------------------------------------------------
 
-TPM_ARGS = ("tpm_months", "tpm_fields", "tpm_deep", "tpm_dim", "tpm_epochs", "tpm_lr", "tpm_sparse_lr")
+TPM_ARGS = ("tpm_months", "snapshots", "tpm_fields", "tpm_deep", "tpm_dim", "tpm_epochs", "tpm_lr", "tpm_sparse_lr")
 
 
 class ECDCTR(Method):
@@ -229,8 +233,9 @@ class ECDCTR(Method):
             stages.append(Stage("cpm", ("source",), eval_domain="source", inputs=snapshots, freeze=freeze,
                                 window=last, eval_window=last, keep_last=1, every="week",
                                 args=(*TPM_ARGS, "history", "heads", "batch_norm", "tpm"), hooks=CompleteHooks()))
-        cpm = {"cpm": Input("cpm", latest=True, **LOADS[a["load"]])} if a["cpm"] else {}
-        stages.append(Stage("actr", ("target",), inputs={**cpm, **snapshots}, freeze=freeze, window=last,
+        # A-CTR reads the snapshots its CPM was trained with (through CPM), or TPM's latest without CPM
+        inputs = {"cpm": Input("cpm", latest=True, **LOADS[a["load"]])} if a["cpm"] else snapshots
+        stages.append(Stage("actr", ("target",), inputs=inputs, freeze=freeze, window=last,
                             eval_window=last, keep_last=1, every="day", hooks=CompleteHooks()))
         return stages
 

@@ -42,7 +42,7 @@ from raytrain_ctr.train import metrics as M
 from raytrain_ctr.train.checkpoint import STATE_FILE, restore, save_sharded, training_state
 from raytrain_ctr.train.state import freeze, load_filtered, train_mode
 from raytrain_ctr.train.step import GroupOptimizer
-from raytrain_ctr.train.sync import GradientSync, all_reduce_sum, sparse_parameters, world_size
+from raytrain_ctr.train.sync import GradientSync, all_reduce_sum, average_statistics, sparse_parameters, world_size
 
 MODEL_FILE = "model.pt"
 METRICS_FILE = "metrics.json"
@@ -260,6 +260,7 @@ def train_stage(config: dict) -> None:
     def eval_metrics(split: str, activity: M.Activity | None = None) -> dict[str, Any]:
         batches = iter_domain(ray.train.get_dataset_shard(dataset_key(eval_domain, split)), encoders[eval_domain],
                               max(batch_sizes.values()))
+        average_statistics(model)
         return evaluate(model, ctx, batches, with_users, empties[eval_domain] if empties else None, activity)
 
     for epoch in range(start_epoch, tc.epochs):

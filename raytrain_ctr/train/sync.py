@@ -28,6 +28,22 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def average_statistics(model: nn.Module) -> None:
+    """Average the normalisation layers' running statistics (every ``running_*`` buffer: BatchNorm,
+    STAR's partitioned norm) over the workers: each worker's come from its own batches, while the
+    evaluation and the saved model must read one set. Every worker calls it (a collective)."""
+    world = world_size()
+    bufs = [b for m in model.modules() for n, b in m.named_buffers(recurse=False)
+            if n.startswith("running_") and b.is_floating_point()]
+    if world == 1 or not bufs:
+        return
+    flat = torch.cat([b.reshape(-1) for b in bufs])
+    dist.all_reduce(flat)
+    flat /= world
+    for b, v in zip(bufs, torch.split(flat, [b.numel() for b in bufs])):
+        b.copy_(v.view_as(b))
+
+
 def _gather_sparse(grad: torch.Tensor) -> torch.Tensor:
     g = grad.coalesce()
     idx, val = g.indices()[0], g.values()
