@@ -57,22 +57,31 @@ def ray_head(tmp_path):
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_ray_job_submit_runs_a_method(ray_head, tiny_data, tmp_path):
+def test_ray_job_submit_runs_each_cadenced_job(ray_head, tiny_data, tmp_path):
+    """E-CDCTR's three jobs, each its own `ray job submit` (monthly TPM, weekly CPM, daily A-CTR), each
+    reading the upstream artifacts the job before it left in the storage."""
     address, env = ray_head
     storage = tmp_path / "runs"
-    cmd = [BIN / "ray", "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-           sys.executable, "jobs/run.py", "--config", "jobs/configs/finetune.yaml",
-           "--set", f"data={tiny_data}", "--set", f"storage={storage}", "--set", "train.epochs=1",
-           "--set", "model.deep=[32]"]
-    for _ in range(30):  # the job agent may come up a little after the dashboard answers
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
-        if "No available agent to submit job" not in out.stdout + out.stderr:
-            break
-        time.sleep(2)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "finetune/finetune: best epoch 0; target test AUC" in out.stdout
+
+    def submit(job: str) -> str:
+        cmd = [BIN / "ray", "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+               sys.executable, "jobs/run.py", "--config", "jobs/configs/e_cdctr.yaml", "--stage", job,
+               "--as-of", "2024-04-01", "--set", f"data={tiny_data}", "--set", f"storage={storage}",
+               "--set", "train.epochs=1", "--set", "model.deep=[32]",
+               "--set", "method_args={tpm_months: 1, snapshots: 1, history: 1}"]
+        for _ in range(30):  # the job agent may come up a little after the dashboard answers
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+            if "No available agent to submit job" not in out.stdout + out.stderr:
+                break
+            time.sleep(2)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        return out.stdout
+
+    assert "e_cdctr/tpm.m1: best epoch 0; source test AUC" in submit("tpm")
+    assert "e_cdctr/cpm: best epoch 0; source test AUC" in submit("cpm")
+    assert "e_cdctr/actr: best epoch 0; target test AUC" in submit("actr")
     stages = sorted(p.name.split("-")[0] for p in (storage / "stages").iterdir())
-    assert stages == ["finetune", "plain"]
+    assert stages == ["actr", "cpm", "tpm.m1"]
     assert all((p / "model.pt").exists() and (p / "metrics.json").exists() for p in (storage / "stages").iterdir())
     # without the token the job server refuses the client
     bad = subprocess.run([BIN / "ray", "job", "list", "--address", address],
