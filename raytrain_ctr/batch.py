@@ -30,6 +30,12 @@ class Batch:
     def __len__(self) -> int:
         return int(self.label.shape[0])
 
+    @property
+    def rows(self) -> int | torch.SymInt:
+        """The row count as a size: unlike ``len``, it stays symbolic when the batch dimension is
+        (``torch.export`` with a dynamic batch size); model code sizes tensors by it."""
+        return self.label.shape[0]
+
     def to(self, device: torch.device | str) -> Batch:
         mv = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray.cloudpickle
@@ -22,6 +23,8 @@ from raytrain_ctr.embedding import shard_model, unsharded_state
 from raytrain_ctr.methods import get_method
 from raytrain_ctr.methods.cctl import BINS, Tower, bce_rows
 from raytrain_ctr.models.backbones import ModelConfig
+from raytrain_ctr.serving import load as load_package
+from raytrain_ctr.serving.export import export_package
 from raytrain_ctr.spec import SpecError
 from raytrain_ctr.train.loop import build_stage_model, make_optimizers, train_step
 from raytrain_ctr.train.metrics import summarize
@@ -191,8 +194,8 @@ def test_conet_joins_two_domain_networks(tiny_data):
 
 
 def test_cctl_end_to_end_on_ray(tiny_data, ray_local, tmp_path):
-    """2 workers, tables sharded on TorchRec: the selector report, and the exported pure tower
-    reproduces the stage's test AUC in one process."""
+    """2 workers, tables sharded on TorchRec: the selector report, and the exported package (the pure
+    tower alone) reproduces the stage's test AUC in one process."""
     cfg = from_dict({"data": tiny_data, "method": "cctl", "method_args": {"k": 5, "n": 5},
                      "storage": str(tmp_path / "runs"),
                      "model": {"backbone": "dnn", "deep": [16], "embedding_backend": "torchrec"},
@@ -202,13 +205,11 @@ def test_cctl_end_to_end_on_ray(tiny_data, ray_local, tmp_path):
     assert res["test_auc"] > 0.6
     report = json.loads(Path(res["artifact"], "selector.json").read_text())
     assert report["final"]["rows_noise"] > 0 and report["final"]["rows_clean"] > 0
-    state = torch.load(f"{res['artifact']}/model.pt")
+    package = load_package(export_package(cfg, tmp_path / "package"))  # the pure tower alone (§3.4)
+    assert package.manifest["stage"] == "cctl" and package.manifest["artifact"] == Path(res["artifact"]).name
+    assert not [k for k in package.program.state_dict() if "mixed" in k or "selector" in k or "san" in k]
     ds = CTRDataset.load(tiny_data)
-    pure = Tower(ds.domain("target").spec, ModelConfig(backbone="dnn", deep=(16,)))
-    pure.load_state_dict(torch.load(f"{res['artifact']}/export.pt"))  # the served pure tower alone
-    assert all(torch.equal(v, state[f"pure.{k}"]) for k, v in pure.state_dict().items())
-    pure.eval()
+    table = pa.concat_tables(pq.read_table(f) for f in ds.files("target", "test"))
     batch = load(ds, "target", "test")
-    with torch.no_grad():
-        again = summarize(batch.label.numpy(), torch.sigmoid(pure(batch)).numpy(), batch.user.numpy())
+    again = summarize(batch.label.numpy(), package.predict(table), batch.user.numpy())
     assert again["auc"] == pytest.approx(res["test_auc"], abs=1e-5)

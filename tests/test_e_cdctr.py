@@ -8,6 +8,8 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -21,6 +23,8 @@ from raytrain_ctr.embedding import shard_model, sharded_collections, unsharded_s
 from raytrain_ctr.methods import get_method
 from raytrain_ctr.methods.e_cdctr import CompleteModel, History, MergedHistory
 from raytrain_ctr.models.backbones import ModelConfig
+from raytrain_ctr.serving import load as load_package
+from raytrain_ctr.serving.export import export_package
 from raytrain_ctr.spec import SpecError
 from raytrain_ctr.train.loop import build_stage_model, make_optimizers, train_step
 from raytrain_ctr.train.sync import GradientSync
@@ -230,7 +234,7 @@ def test_the_three_jobs_on_ray_with_sharded_tables(drift, ray_local, tmp_path):
     """The cadence of §3.6.1 over two days from a Monday on 2 workers (torchrec): the first day runs every job,
     the second A-CTR alone against the same CPM and TPM; the warm-up month's snapshot is deleted and a
     re-run is a no-op; keep_last prunes the first A-CTR; each stage read exactly its window's rows;
-    the export of the sharded run equals its model."""
+    the serving package of the sharded run equals its model."""
     args = {**SMALL, "snapshots": 1, "history": 1}  # tpm.m2 only warms tpm.m1 up
     cfg = from_dict({"data": drift, "method": "e_cdctr", "method_args": args, "storage": str(tmp_path / "runs"),
                      "model": {"backbone": "dcn", "deep": [32, 16], "cross_layers": 1, "embedding_backend": "torchrec"},
@@ -262,11 +266,16 @@ def test_the_three_jobs_on_ray_with_sharded_tables(drift, ray_local, tmp_path):
     assert list(model.history.snapshots) == ["m1"]
     model.load_state_dict(torch.load(Path(actr["artifact"]) / "model.pt"))
     model.eval()
-    served = model.served()
-    served.load_state_dict(torch.load(Path(actr["artifact"]) / "export.pt"))  # what the sharded run exported
-    b = load(CTRDataset.load(drift), "target", "test")
+    package = load_package(export_package(cfg.with_overrides({"as_of": "2025-03-25"}), tmp_path / "package"))
+    assert package.manifest["artifact"] == Path(actr["artifact"]).name
+    merged = package.manifest["inputs"]["tables"]  # one merged table per side, no snapshot (§3.6.2)
+    assert {"history.tables.user_id", "history.tables.item_id"} <= set(merged)
+    assert not [t for t in merged if "snapshots" in t]
+    ds = CTRDataset.load(drift)
+    b = load(ds, "target", "test")
+    table = pa.concat_tables(pq.read_table(f) for f in ds.files("target", "test"))
     with torch.no_grad():
-        assert (model(b) - served(b)).abs().max() <= 1e-5
+        assert np.abs(torch.sigmoid(model(b)).numpy() - package.predict(table)).max() <= 1e-5
 
 
 def test_data_arriving_after_a_window_leaves_the_stage_keys_as_they_were(drift, tmp_path):

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from helpers import local_test_metrics
@@ -132,3 +133,40 @@ def test_keep_plugs_frozen_pretrained_embeddings(finetune_run, tiny_data):
     for t in ("user", "item"):
         assert torch.equal(plug[f"plug.tables.{t}.weight"], pre[f"embedding.tables.{t}.weight"])
     assert res["plugin"]["test_auc"] > 0.55
+
+
+def test_export_and_predict_on_ray_data_reproduce_the_stage(finetune_run, tiny_data, tmp_path, capsys):
+    """`raytrain-ctr export` of the finished run, then `predict` over the target test split cut into three
+    files of several row groups, on 2 actors: every row written once, with its file and row, and the AUC of
+    the written predictions is the stage's reported test AUC."""
+    import yaml
+
+    from raytrain_ctr.cli import main
+    from raytrain_ctr.train.metrics import auc
+
+    cfg, _ = finetune_run
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({"base": cfg.to_dict()}))
+    assert main(["export", "--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "pkg")]) == 0
+    manifest = json.loads((tmp_path / "pkg" / "manifest.json").read_text())
+    artifact = next(Path(cfg.storage, "stages").glob(manifest["artifact"]))
+    reported = json.loads((artifact / "metrics.json").read_text())
+    assert manifest["stage"] == "finetune" and manifest["metrics"]["test_auc"] == reported["test_auc"]
+    test = pq.read_table(CTRDataset.load(tiny_data).files("target", "test"))
+    (tmp_path / "in").mkdir()
+    n = test.num_rows
+    cuts = [0, n // 4, 2 * n // 3, n]
+    for i, (lo, hi) in enumerate(zip(cuts[:-1], cuts[1:])):
+        pq.write_table(test.slice(lo, hi - lo), tmp_path / "in" / f"part-{i}.parquet", row_group_size=n // 7)
+    assert main(["predict", "--package", str(tmp_path / "pkg"), "--input", str(tmp_path / "in"),
+                 "--out", str(tmp_path / "out"), "--workers", "2", "--carry", "label", "user_id"]) == 0
+    assert "row groups" in capsys.readouterr().out
+    out = pq.read_table(tmp_path / "out")
+    assert out.num_rows == test.num_rows
+    seen = sorted(zip(out.column("file").to_pylist(), out.column("row").to_pylist()))
+    expected = sorted((str(tmp_path / "in" / f"part-{i}.parquet"), r)
+                      for i, (lo, hi) in enumerate(zip(cuts[:-1], cuts[1:])) for r in range(hi - lo))
+    assert seen == expected  # every row exactly once
+    assert auc(out.column("label").to_numpy(), out.column("pctr").to_numpy()) == pytest.approx(
+        reported["test_auc"], abs=1e-6)
+    assert main(["predict", "--package", str(tmp_path / "pkg"), "--input", str(tmp_path / "in"),
+                 "--out", str(tmp_path / "out")]) == 2  # never appended to an earlier output

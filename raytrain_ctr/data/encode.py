@@ -68,7 +68,9 @@ class FeatureEncoder:
         self.spec = spec
         self.extra_columns = extra_columns
 
-    def encode(self, data: pa.Table | pa.RecordBatch) -> Batch:
+    def features(self, data: pa.Table | pa.RecordBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The model's inputs alone: sparse fields as table rows (``[B]``, ``[B, max_len]``) and the
+        dense fields ``[B, D]``. Training and serving both encode through it (no feature skew)."""
         if isinstance(data, pa.RecordBatch):
             data = pa.Table.from_batches([data])
         spec, cols = self.spec, {}
@@ -88,6 +90,13 @@ class FeatureEncoder:
                  .astype(np.float32) for f in dense_fields], axis=1)
         else:
             dense = np.zeros((data.num_rows, 0), dtype=np.float32)
+        return cols, torch.from_numpy(dense)
+
+    def encode(self, data: pa.Table | pa.RecordBatch) -> Batch:
+        if isinstance(data, pa.RecordBatch):
+            data = pa.Table.from_batches([data])
+        spec = self.spec
+        sparse, dense = self.features(data)
         label = data.column(spec.label).to_numpy().astype(np.float32)
         user = time = None
         if spec.user_id:
@@ -95,8 +104,8 @@ class FeatureEncoder:
         if spec.time:
             time = torch.from_numpy(data.column(spec.time).to_numpy().astype(np.int64))
         extra = {c: torch.from_numpy(data.column(c).to_numpy()) for c in self.extra_columns}
-        return Batch(spec.domain, cols, torch.from_numpy(dense), torch.from_numpy(label), user, time, extra,
-                     tuple(f.name for f in dense_fields))
+        return Batch(spec.domain, sparse, dense, torch.from_numpy(label), user, time, extra,
+                     tuple(f.name for f in spec.dense_fields))
 
     def empty(self) -> Batch:
         """A batch of zero rows with this domain's shapes (a worker whose shard ran out steps

@@ -69,7 +69,7 @@ class Embedding(nn.Module, ABC):
         if f not in self.sequence_fields:
             raise SpecError(f"field '{field}': sequence() reads fields with type: sequence and pooling: none")
         ids = batch.sparse.get(field)
-        mask = ids > 0 if ids is not None else torch.zeros(len(batch), f.max_len, dtype=torch.bool,
+        mask = ids > 0 if ids is not None else torch.zeros(batch.rows, f.max_len, dtype=torch.bool,
                                                             device=batch.label.device)
         return self(batch)[field], mask
 

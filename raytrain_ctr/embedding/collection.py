@@ -56,8 +56,9 @@ class EmbeddingCollection(Embedding):
             ids = batch.sparse.get(f.name)
             table = self.tables[f.table]
             if ids is None:
-                shape = (len(batch), f.max_len) if f in self.sequence_fields else (len(batch),)
-                out[f.name] = table.weight.new_zeros(*shape, table.embedding_dim)
+                shape = (batch.rows, f.max_len) if f in self.sequence_fields else (batch.rows,)
+                w = table.weight  # its dtype and device only: an export reads no row of an absent field's table
+                out[f.name] = torch.zeros(*shape, table.embedding_dim, dtype=w.dtype, device=w.device)
             elif ids.dim() == 1 or f.pooling == "none":
                 out[f.name] = table(ids)
             else:

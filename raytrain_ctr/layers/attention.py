@@ -109,4 +109,4 @@ class BehaviourEncoder(nn.Module):
             e, ids = emb[seq], batch.sparse.get(seq)
             mask = ids > 0 if ids is not None else torch.zeros(e.shape[:2], dtype=torch.bool, device=e.device)
             pooled.append(self.attention[seq](e, emb[query], mask))
-        return torch.cat(pooled, -1) if pooled else batch.label.new_zeros(len(batch), 0)
+        return torch.cat(pooled, -1) if pooled else batch.label.new_zeros(batch.rows, 0)

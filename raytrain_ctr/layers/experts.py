@@ -156,7 +156,7 @@ class PartitionedNorm(nn.Module):
     def forward(self, x: torch.Tensor, domain: str) -> torch.Tensor:
         return F.batch_norm(x, getattr(self, f"running_mean_{domain}"), getattr(self, f"running_var_{domain}"),
                             self.gamma * self.gamma_p[domain], self.beta + self.beta_p[domain],
-                            training=self.training and len(x) > 1, momentum=self.momentum, eps=self.eps)
+                            training=self.training and x.shape[0] > 1, momentum=self.momentum, eps=self.eps)
 
 
 class CrossConnection(nn.Module):

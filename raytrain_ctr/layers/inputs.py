@@ -76,8 +76,8 @@ class DomainInputs(nn.Module):
 def dense_columns(batch: Batch, names: list[str]) -> torch.Tensor:
     """The batch's dense fields ``names`` as ``[B, len(names)]``; a field the batch lacks reads as zero."""
     cols = [batch.dense[:, batch.dense_fields.index(n)] if n in batch.dense_fields
-            else batch.label.new_zeros(len(batch)) for n in names]
-    return torch.stack(cols, 1) if cols else batch.label.new_zeros(len(batch), 0)
+            else batch.label.new_zeros(batch.rows) for n in names]
+    return torch.stack(cols, 1) if cols else batch.label.new_zeros(batch.rows, 0)
 
 
 def tables_with_dim(tables: dict[str, TableSpec], dim: int | None) -> dict[str, TableSpec]:

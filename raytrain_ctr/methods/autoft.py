@@ -27,6 +27,7 @@ Figure 3): per field and layer, the share of test instances routed to the pre-tr
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 from typing import Any
@@ -62,7 +63,7 @@ class PolicyNet(nn.Module):
 
     def forward(self, x: torch.Tensor, tau: float) -> torch.Tensor:
         """``[B, decisions]``: 1 where the instance takes the pre-trained copy, else 0."""
-        logits = self.net(x).view(len(x), self.decisions, 2)  # log α (eq. 13)
+        logits = self.net(x).view(x.shape[0], self.decisions, 2)  # log α (eq. 13)
         if self.training:  # eq. 13 forward (argmax of log α + Gumbel noise), eq. 14 backward
             choice = F.gumbel_softmax(logits, tau=tau, hard=True)
         else:  # inference: the argmax of the policy, no noise
@@ -103,6 +104,7 @@ class AutoFTModel(nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # τ annealing's steps; resumes with the model
         self.routes: dict[str, torch.Tensor] = {}  # evaluation: decisions for the pre-trained copy, summed
         self.routed = 0
+        self.recording = True  # evaluation counts the routes (the policy report); serving does not
 
     @property
     def temperature(self) -> float:
@@ -116,8 +118,8 @@ class AutoFTModel(nn.Module):
     def decide(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
         if name not in self.policy:
             return None
-        p = self.policy[name](x, self.temperature)
-        if not self.training:
+        p = self.policy[name](x, self.temperature if self.training else 1.0)  # inference takes no τ (no noise)
+        if not self.training and self.recording:
             self.routes[name] = self.routes.get(name, 0) + p.detach().sum(0).cpu()
         return p
 
@@ -134,7 +136,7 @@ class AutoFTModel(nn.Module):
         cross = routed_layers(self.decide("cross", x0), pre.cross, fine.cross)  # eq. 11
         deep = routed_layers(self.decide("deep", x0), pre.deep, fine.deep)  # eq. 12
         v = torch.stack(fields, 1) if len({t.shape[-1] for t in fields}) == 1 else None
-        if not self.training:
+        if not self.training and self.recording:
             self.routed += len(batch)
         return fine(x0, v, deep=deep, cross=cross)  # the prediction layer is always fine-tuned
 
@@ -159,6 +161,12 @@ class AutoFTHooks(StageHooks):
 
     def after_step(self, model: nn.Module, batches: dict[str, Batch], ctx: StageContext) -> None:
         model.step += 1  # the temperature of the next step (§3.3's annealing)
+
+    def export(self, model: nn.Module, ctx: StageContext) -> nn.Module:
+        """Both copies and the policies, deciding by argmax (§3.3's inference), without the route counts."""
+        served = copy.copy(model)
+        served.recording = False
+        return served
 
     def artifacts(self, model: nn.Module, ctx: StageContext) -> dict[str, Any]:
         report = policy_report(model)

@@ -89,7 +89,7 @@ class TPMHooks(StageHooks):
 
 def field_ids(batch: Batch, field: FieldSpec) -> torch.Tensor:
     """A field's ids (row 0, the OOV row, where the batch's domain lacks the field)."""
-    return batch.sparse[field.name] if field.name in batch.sparse else torch.zeros(len(batch), dtype=torch.long,
+    return batch.sparse[field.name] if field.name in batch.sparse else torch.zeros(batch.rows, dtype=torch.long,
                                                                                    device=batch.label.device)
 
 

@@ -90,7 +90,7 @@ class Star(nn.Module):
         x = self.norm(h, domain)
         for layer in self.layers:
             x = self.act(layer(x, domain))
-        ind = self.indicator.weight[self.domains.index(domain)].expand(len(h), -1)
+        ind = self.indicator.weight[self.domains.index(domain)].expand(h.shape[0], -1)
         return (self.out(x, domain) + self.aux(torch.cat([ind, h], -1))).squeeze(-1)
 
 

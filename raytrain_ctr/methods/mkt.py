@@ -120,7 +120,7 @@ class SpecificFields(nn.Module):
             parts.append(torch.stack([emb[n] for n in self.sparse_names], 1))
         if self.dense is not None:
             parts.append(self.dense(dense_columns(batch, self.dense_names)))
-        return torch.cat(parts, 1) if parts else batch.label.new_zeros(len(batch), 0, self.d_e)
+        return torch.cat(parts, 1) if parts else batch.label.new_zeros(batch.rows, 0, self.d_e)
 
 
 @dataclass

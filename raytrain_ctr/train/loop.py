@@ -46,7 +46,6 @@ from raytrain_ctr.train.sync import GradientSync, all_reduce_sum, average_statis
 
 MODEL_FILE = "model.pt"
 METRICS_FILE = "metrics.json"
-EXPORT_FILE = "export.pt"  # the served module's state, where a stage serves less than its model (CCTL: the pure tower)
 
 
 def stage_train_config(cfg: ExperimentConfig, overrides: dict[str, Any]) -> TrainConfig:
@@ -301,7 +300,4 @@ def train_stage(config: dict) -> None:
              "valid_auc": best["auc"], "resumed_from_epoch": resumed_from, "final": True,
              **{f"test_{k}": v for k, v in test.items()}}
     files = {MODEL_FILE: unsharded_state(model), METRICS_FILE: {**final, "history": history}, **extra}
-    served = stage.hooks.export(model, ctx)
-    if served is not model:
-        files[EXPORT_FILE] = unsharded_state(served)
     report(final, files)

@@ -1,0 +1,96 @@
+"""``raytrain-ctr export``: a finished stage's artifact → a serving package.
+
+The stage's model is rebuilt on the local embedding backend (artifacts keep the local backend's
+tensor names whichever backend trained them), loaded strictly from its ``model.pt``, and handed to
+the stage's ``export`` hook, which names what the paper serves: CCTL's pure tower (§3.4),
+E-CDCTR's complete model over the merged historical tables (§3.6.2), MKT's TEM with the MEM parts
+it reads (§3.4), AutoFT's two copies routed by the argmax of the policies (§3.3); every other
+method serves its model. That module becomes a ``torch.export`` program (:mod:`.program`) and a
+package (:mod:`.package`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+from raytrain_ctr.batch import Batch
+from raytrain_ctr.config import ExperimentConfig
+from raytrain_ctr.data.dataset import CTRDataset, DataError, join, resolve
+from raytrain_ctr.data.encode import FeatureEncoder
+from raytrain_ctr.methods import Method, Stage, StageContext, get_method
+from raytrain_ctr.models.backbones import ModelConfig
+from raytrain_ctr.spec import DomainSpec
+from raytrain_ctr.train.state import StateMismatchError
+
+EXAMPLE_ROWS = 64
+SERVED_METRICS = ("best_epoch", "valid_auc", "test_auc", "test_logloss", "test_gauc", "test_rows")
+
+
+def served_model(method: Method, stage: Stage, specs: dict[str, DomainSpec], model_cfg: ModelConfig,
+                 state: dict[str, torch.Tensor], source: str = "model.pt") -> nn.Module:
+    """What ``stage`` serves, in eval mode, from its trained ``state`` (tables on the local backend)."""
+    ctx = StageContext(stage, specs, replace(model_cfg, embedding_backend="local"), method.args)
+    model = stage.hooks.build(ctx)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise StateMismatchError(f"{source} does not fit stage '{stage.name}' of '{method.name}' as configured "
+                                 f"(was it trained with another config?): {str(e).splitlines()[0]}") from None
+    model.eval()
+    return stage.hooks.export(model, ctx).eval()
+
+
+def example_batch(dataset: CTRDataset, domain: str, split: str = "test", rows: int = EXAMPLE_ROWS) -> Batch:
+    """The first rows of a domain's split, encoded: the shapes the program is traced with."""
+    dom = dataset.domain(domain)
+    for file in dataset.files(domain, split):
+        table = pq.read_table(file, columns=dom.columns + list(dom.where), filesystem=dataset.filesystem)
+        for col, value in dom.where.items():
+            table = table.filter(pc.equal(table.column(col), value))
+        if table.num_rows >= 2:
+            return FeatureEncoder(dom.spec).encode(table.slice(0, rows))
+    raise DataError(f"domain '{domain}': its {split} split has fewer than two rows to export the model with")
+
+
+def export_package(cfg: ExperimentConfig, out: str | Path, stage: str | None = None) -> Path:
+    """The package of the run's last stage (or ``stage``), written to ``out``; the stage must have finished."""
+    from raytrain_ctr.pipeline import PipelineError, artifact_name, resolve_stages, stage_dir
+    from raytrain_ctr.serving.package import write_package
+    from raytrain_ctr.serving.program import export_program
+    from raytrain_ctr.train.loop import METRICS_FILE, MODEL_FILE
+
+    dataset = CTRDataset.load(cfg.data)
+    method = get_method(cfg.method, cfg.method_args)
+    st = method.stage(stage) if stage else method.stages[-1]
+    key = resolve_stages(cfg, method, dataset)[st.name].key
+    directory = stage_dir(cfg, st, key)
+    fs, art = resolve(directory)
+    files = {name: join(art, name) for name in (MODEL_FILE, METRICS_FILE)}
+    if any(fs.get_file_info(f).type.name != "File" for f in files.values()):
+        raise PipelineError(f"stage '{st.name}' of '{cfg.method}' has no finished artifact at {directory} "
+                            f"(for this config, data and as_of); run it first: raytrain-ctr run --config ...")
+    with fs.open_input_stream(files[METRICS_FILE]) as f:
+        metrics = json.loads(f.read())
+    with fs.open_input_stream(files[MODEL_FILE]) as f:
+        state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+    specs = {d: dataset.domain(d).spec for d in dataset.domains}
+    served = served_model(method, st, specs, cfg.model, state, source=join(directory, MODEL_FILE))
+    program = export_program(served, example_batch(dataset, st.eval_domain))
+    dom = dataset.domain(st.eval_domain)
+    schema = pq.read_schema(dataset.files(st.eval_domain, "test")[0], filesystem=dataset.filesystem)
+    manifest: dict[str, Any] = {
+        "method": cfg.method, "method_args": method.args, "stage": st.name, "artifact": artifact_name(st, key),
+        "artifact_dir": directory, "as_of": cfg.as_of, "data": cfg.data, "model": asdict(cfg.model),
+        "metrics": {k: metrics[k] for k in SERVED_METRICS if k in metrics},
+        "schema": {c: str(schema.field(c).type) for c in dom.spec.columns if c in schema.names},
+    }
+    return write_package(out, program, dom.spec, manifest)
