@@ -9,7 +9,8 @@ predictions/s over the target's test rows, cycling through them, for
 
 * ``model``: the training path: ``FeatureEncoder.encode`` + the stage's ``logits`` under ``no_grad``;
 * ``package``: ``load(package).predict(rows)`` (the same encoder, then the ``torch.export`` program
-  over memory-mapped tables);
+  over memory-mapped tables); ``package compiled``: the same loaded with ``compile=True``
+  (``torch.compile``, compiled in the warm-up pass, not timed);
 * ``model forward`` / ``program forward``: the two without the encoding (tensors prepared once).
 
 Ratios are against ``model`` at the same batch size, measured in the same run. Threads: torch's default
@@ -85,7 +86,9 @@ def main() -> None:
         t0 = time.perf_counter()
         package = load(path)
         load_s = time.perf_counter() - t0
+        compiled = load(path, compile=True)  # compiled on its first call of each batch size (the warm-up pass)
         rows = pa.concat_tables(pq.read_table(f) for f in ds.files(stage.eval_domain, "test"))
+        rows = pa.concat_tables([rows] * -(-4 * max(a.batches) // rows.num_rows))  # a few batches of the largest
         encoder = FeatureEncoder(specs[stage.eval_domain])
         print(f"{a.method} ({stage.name}), {rows.num_rows:,} test rows, torch threads {torch.get_num_threads()}; "
               f"export {export_s:.1f} s, package load {load_s:.2f} s")
@@ -105,10 +108,11 @@ def main() -> None:
 
             def program_forward(e):
                 with torch.inference_mode():
-                    return package.program(package.tables, e[1], e[2])
+                    return package.forward(package.tables, e[1], e[2])
 
             ref = rate(model_predict, chunks, a.seconds)
             results = {"model": ref, "package": rate(package.predict, chunks, a.seconds),
+                       "package compiled": rate(compiled.predict, chunks, a.seconds),
                        "model forward": rate(model_forward, encoded, a.seconds),
                        "program forward": rate(program_forward, encoded, a.seconds)}
             for name, r in results.items():

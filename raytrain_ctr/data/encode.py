@@ -22,6 +22,11 @@ def stable_hash(values: np.ndarray) -> np.ndarray:
     return pd.util.hash_array(np.asarray(values, dtype=object) if values.dtype.kind in "OUS" else values)
 
 
+def fill_zero(values: pa.Array) -> pa.Array:
+    """Nulls as 0 (the spec's reading of a missing id or dense value)."""
+    return values.fill_null(0) if values.null_count else values
+
+
 def to_rows(values: pa.Array, f: FieldSpec, num_embeddings: int) -> np.ndarray:
     """Map raw id values of one field to table rows in ``[0, num_embeddings)``; 0 is OOV."""
     n = num_embeddings
@@ -34,7 +39,7 @@ def to_rows(values: pa.Array, f: FieldSpec, num_embeddings: int) -> np.ndarray:
         if values.null_count:
             rows[values.is_null().to_numpy(zero_copy_only=False)] = 0
         return rows
-    ids = values.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    ids = fill_zero(values).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
     return np.where((ids > 0) & (ids < n), ids, 0)
 
 
@@ -86,8 +91,8 @@ class FeatureEncoder:
         dense_fields = spec.dense_fields
         if dense_fields:
             dense = np.stack(
-                [data.column(f.name).combine_chunks().fill_null(0).to_numpy(zero_copy_only=False)
-                 .astype(np.float32) for f in dense_fields], axis=1)
+                [fill_zero(data.column(f.name).combine_chunks()).to_numpy(zero_copy_only=False).astype(np.float32)
+                 for f in dense_fields], axis=1)
         else:
             dense = np.zeros((data.num_rows, 0), dtype=np.float32)
         return cols, torch.from_numpy(dense)

@@ -140,7 +140,9 @@ class StageHooks:
         return {}
 
     def export(self, model: nn.Module, ctx: StageContext) -> nn.Module:
-        """The module a serving system loads (CCTL: the pure tower only)."""
+        """The module a serving system loads (CCTL: the pure tower only), in eval mode: its
+        ``forward(batch)`` is ``logits(model, batch, ctx)`` for rows of the stage's eval domain.
+        ``raytrain-ctr export`` turns it into a ``torch.export`` program (``raytrain_ctr.serving``)."""
         return model
 
 
