@@ -117,3 +117,35 @@ def test_bad_packages_and_rows_are_refused_by_name(datasets, tmp_path):
     (path / "manifest.json").write_text(json.dumps({**manifest, "format": "other/9"}))
     with pytest.raises(PackageError, match="format"):
         load_package(path)
+
+
+def mapped_files(ptr: int) -> set[str]:
+    """The files whose memory mapping in this process holds the address ``ptr``."""
+    out = set()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        if lo <= ptr < hi and len(parts) == 6:
+            out.add(parts[5].strip())
+    return out
+
+
+def test_tables_stay_memory_mapped_through_export_and_load(datasets, tmp_path):
+    """Large tables: the exporting host maps the artifact's tables (no copy) and a serving host maps the
+    package's table files: neither reads a whole table into its own memory."""
+    ds = CTRDataset.load(datasets["default"])
+    specs = {d: ds.domain(d).spec for d in ds.domains}
+    method = get_method("target_only")
+    stage = method.stages[-1]
+    torch.manual_seed(0)
+    torch.save(stage.hooks.build(StageContext(stage, specs, MCFG, method.args)).state_dict(), tmp_path / "model.pt")
+    mapped = torch.load(tmp_path / "model.pt", weights_only=True, mmap=True)
+    served = served_model(method, stage, specs, MCFG, mapped)
+    user = served.embedding.tables["user"].weight
+    assert str(tmp_path / "model.pt") in mapped_files(user.data_ptr())
+    path = write_package(tmp_path / "pkg", export_program(served, example_batch(ds, "target")), specs["target"], {})
+    package = load_package(path)
+    for name, meta in package.manifest["inputs"]["tables"].items():
+        if meta["rows"]:
+            assert str(path / meta["file"]) in mapped_files(package.tables[name].data_ptr()), name
+

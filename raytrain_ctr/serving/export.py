@@ -11,13 +11,14 @@ package (:mod:`.package`).
 
 from __future__ import annotations
 
-import io
 import json
+import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 from torch import nn
@@ -37,11 +38,14 @@ SERVED_METRICS = ("best_epoch", "valid_auc", "test_auc", "test_logloss", "test_g
 
 def served_model(method: Method, stage: Stage, specs: dict[str, DomainSpec], model_cfg: ModelConfig,
                  state: dict[str, torch.Tensor], source: str = "model.pt") -> nn.Module:
-    """What ``stage`` serves, in eval mode, from its trained ``state`` (tables on the local backend)."""
+    """What ``stage`` serves, in eval mode, from its trained ``state`` (tables on the local backend).
+    The model is built on the ``meta`` device and takes ``state``'s tensors as they are (memory-mapped
+    ones stay mapped: no copy of the tables is made)."""
     ctx = StageContext(stage, specs, replace(model_cfg, embedding_backend="local"), method.args)
-    model = stage.hooks.build(ctx)
+    with torch.device("meta"):
+        model = stage.hooks.build(ctx)
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(state, assign=True)
     except RuntimeError as e:
         raise StateMismatchError(f"{source} does not fit stage '{stage.name}' of '{method.name}' as configured "
                                  f"(was it trained with another config?): {str(e).splitlines()[0]}") from None
@@ -80,8 +84,11 @@ def export_package(cfg: ExperimentConfig, out: str | Path, stage: str | None = N
                             f"(for this config, data and as_of); run it first: raytrain-ctr run --config ...")
     with fs.open_input_stream(files[METRICS_FILE]) as f:
         metrics = json.loads(f.read())
-    with fs.open_input_stream(files[MODEL_FILE]) as f:
-        state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+    local = files[MODEL_FILE]
+    if not isinstance(fs, pafs.LocalFileSystem):  # a local copy, to be memory-mapped
+        local = str(Path(tempfile.mkdtemp(prefix="raytrain-ctr-export-")) / MODEL_FILE)
+        pafs.copy_files(files[MODEL_FILE], local, source_filesystem=fs)
+    state = torch.load(local, map_location="cpu", weights_only=True, mmap=True)  # tables paged in, not read
     specs = {d: dataset.domain(d).spec for d in dataset.domains}
     served = served_model(method, st, specs, cfg.model, state, source=join(directory, MODEL_FILE))
     program = export_program(served, example_batch(dataset, st.eval_domain))
