@@ -25,10 +25,20 @@ import yaml
 
 from raytrain_ctr.embedding import check_sparse_optimizer
 from raytrain_ctr.models.backbones import ModelConfig
-from raytrain_ctr.spec import SpecError, check_keys
+from raytrain_ctr.spec import SpecError, check_keys, checked
 from raytrain_ctr.windows import Window
 
 SPARSE_OPTIMIZERS = ("adam", "adagrad", "rowwise_adagrad", "sgd")
+
+
+# each setting's type and range, checked on the driver before anything starts:
+# (kind, minimum, minimum excluded, upper bound excluded, None allowed)
+TRAIN_RULES: dict[str, tuple] = {
+    "epochs": (int, 1), "batch_size": (int, 1), "lr": (float, 0, True), "sparse_lr": (float, 0, True, None, True),
+    "sparse_eps": (float, 0, True), "weight_decay": (float, 0), "patience": (int, 1), "seed": (int, 0),
+    "workers": (int, 1), "shuffle_buffer": (int, 0), "cache_mb": (int, 0), "max_failures": (int, 0),
+    "deterministic": (bool,), "fail_once_at_epoch": (int, 0, False, None, True),
+}
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,8 @@ class TrainConfig:
     #                                         train split) the test metrics are broken down by (MKT Table 3: [10, 30])
 
     def __post_init__(self) -> None:
+        for name, rule in TRAIN_RULES.items():
+            object.__setattr__(self, name, checked(getattr(self, name), f"train.{name}", *rule))
         edges = list(self.activity_buckets)
         if any(not isinstance(e, int) or e < 1 for e in edges) or edges != sorted(set(edges)):
             raise SpecError(f"train.activity_buckets: increasing click counts ≥ 1, got {edges}")
@@ -128,8 +140,6 @@ def from_dict(raw: dict, where: str = "config") -> ExperimentConfig:
             raise SpecError(f"{where}: missing required key '{key}'")
     model = dict(raw.get("model") or {})
     check_keys(model, _MODEL, f"{where}: model")
-    if "deep" in model:
-        model["deep"] = tuple(model["deep"])
     train = dict(raw.get("train") or {})
     check_keys(train, _TRAIN, f"{where}: train")
     try:

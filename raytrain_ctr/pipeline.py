@@ -36,6 +36,7 @@ from raytrain_ctr.config import ExperimentConfig
 from raytrain_ctr.data.dataset import CTRDataset, DataError, join, resolve
 from raytrain_ctr.data.ingest import ExactlyOnceDataConfig, TimeWindow, read_split, user_clicks
 from raytrain_ctr.methods import METHODS, Method, Stage, StageContext, get_method
+from raytrain_ctr.runtime import check_workers
 from raytrain_ctr.spec import SpecError, check_keys
 from raytrain_ctr.train.loop import METRICS_FILE, MODEL_FILE, StageJob, dataset_key, stage_train_config, train_stage
 from raytrain_ctr.train.metrics import Activity
@@ -329,6 +330,7 @@ def run(cfg: ExperimentConfig, stage: str | None = None, force: bool = False,
     stages = method.stages if stage is None else method.job(stage)
     for st in stages:
         check_stage_inputs(cfg, dataset, method, st)
+    check_workers(max(stage_train_config(cfg, st.overrides).workers for st in stages))
     fs, run_dir = resolve(_storage(cfg, cfg.run_name))
     fs.create_dir(run_dir, recursive=True)
     with fs.open_output_stream(join(run_dir, "config.json")) as f:

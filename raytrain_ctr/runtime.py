@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from raytrain_ctr.spec import SpecError
+
 
 def init_ray(num_cpus: int | None = None, address: str | None = None, extra_cpus: int = 0) -> None:
     """Join the cluster named by ``address``/``RAY_ADDRESS``, or start a local one.
@@ -33,6 +35,28 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, extra_cpus
     cpus = (num_cpus or max(4, 2 * (os.cpu_count() or 2))) + extra_cpus
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=verbose,
              logging_level=logging.INFO if verbose else logging.WARNING)
+    _LOCAL.add(ray.get_runtime_context().gcs_address)
+
+
+_LOCAL: set[str] = set()  # the clusters init_ray started here (they cannot grow)
+
+
+def check_workers(workers: int) -> None:
+    """Before a stage starts: ``workers`` one-CPU Train workers must fit the cluster's CPUs, or the stage
+    would wait for them forever. A local Ray cannot grow: there it is an error; a cluster's autoscaler
+    may add nodes: there it is a warning."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if workers <= cpus:
+        return
+    msg = f"train.workers: {workers} workers need {workers} CPUs and the Ray cluster has {cpus:g}"
+    if ray.get_runtime_context().gcs_address in _LOCAL:
+        raise SpecError(f"{msg}; lower train.workers (a local Ray started here has max(4, 2 × cores) logical "
+                        f"CPUs, or set RAY_ADDRESS to a larger cluster)")
+    logging.getLogger(__name__).warning("%s: the stage waits until the autoscaler adds them", msg)
 
 
 def report(metrics: dict, files: dict[str, Any] | None = None,

@@ -26,6 +26,7 @@ table is the padding/OOV row, so real ids land in rows ``1..num_embeddings-1``::
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,32 @@ def check_keys(given: dict, allowed: set[str] | tuple[str, ...], where: str) -> 
             near = difflib.get_close_matches(str(key), list(allowed), n=1)
             hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys: {sorted(allowed)}"
             raise SpecError(f"{where}: unknown key '{key}'{hint}")
+
+
+def checked(value: Any, key: str, kind: type, minimum: float | None = None, exclusive: bool = False,
+            below: float | None = None, optional: bool = False) -> Any:
+    """A setting's ``value`` as ``kind`` (``int``, ``float`` or ``bool``) within its range, or a SpecError
+    naming ``key`` and the rule. A float may be written as a string (YAML reads ``1e-3`` as one)."""
+    if value is None and optional:
+        return None
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise SpecError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if kind is float and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise SpecError(f"{key}: expected a number, got {value!r}") from None
+    allowed = (int, float) if kind is float else (int,)
+    if isinstance(value, bool) or not isinstance(value, allowed) or (kind is float and not math.isfinite(value)):
+        raise SpecError(f"{key}: expected {'a finite number' if kind is float else 'an integer'}, got {value!r}")
+    value = kind(value)
+    if minimum is not None and (value <= minimum if exclusive else value < minimum):
+        raise SpecError(f"{key}: must be {'>' if exclusive else '≥'} {minimum}, got {value}")
+    if below is not None and value >= below:
+        raise SpecError(f"{key}: must be < {below}, got {value}")
+    return value
 
 
 def _choice(value: Any, options: tuple[str, ...], where: str) -> str:

@@ -10,6 +10,7 @@ from raytrain_ctr import pipeline
 from raytrain_ctr.config import load_config
 from raytrain_ctr.data.dataset import CTRDataset
 from raytrain_ctr.methods import get_method
+from raytrain_ctr.spec import SpecError
 from raytrain_ctr.tune import SPACES, _sample_value, load_space
 
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
@@ -47,3 +48,33 @@ def test_cdanet_sweep_space_file(tiny_data):
             "method_args.tower_depth", "method_args.d"} <= set(space)
     for key, spec in space.items():
         check(cfg.with_overrides({key: _sample_value(spec)}), ds)
+
+
+@pytest.mark.parametrize("key, value, rule", [
+    ("train.epochs", -1, "must be ≥ 1"), ("train.epochs", 0, "must be ≥ 1"), ("train.patience", 0, "must be ≥ 1"),
+    ("train.batch_size", 0, "must be ≥ 1"), ("train.batch_size", 2.5, "expected an integer"),
+    ("train.lr", "abc", "expected a number"), ("train.lr", 0, "must be > 0"), ("train.lr", float("nan"), "finite"),
+    ("train.sparse_lr", -0.1, "must be > 0"), ("train.workers", 0, "must be ≥ 1"),
+    ("train.workers", "2", "expected an integer"), ("train.weight_decay", -1e-4, "must be ≥ 0"),
+    ("train.deterministic", "yes", "expected true or false"), ("train.shuffle_buffer", -5, "must be ≥ 0"),
+    ("model.dropout", 1.0, "must be < 1"), ("model.deep", [64, 0], "layer widths ≥ 1"),
+    ("model.deep", 64, "layer widths ≥ 1"), ("model.cross_layers", -1, "must be ≥ 0"),
+    ("model.embedding_dim", 0, "must be ≥ 1"),
+])
+def test_settings_are_type_and_range_checked_on_the_driver(key, value, rule, tiny_data):
+    cfg = load_config(CONFIGS / "target_only.yaml").with_overrides({"data": tiny_data})
+    with pytest.raises(SpecError, match=rf"{key}: .*{rule}"):
+        cfg.with_overrides({key: value})
+
+
+def test_yaml_floats_written_without_a_dot_are_numbers(tiny_data):
+    cfg = load_config(CONFIGS / "target_only.yaml").with_overrides({"train.lr": "1e-3", "train.sparse_lr": None})
+    assert cfg.train.lr == 0.001 and cfg.train.sparse_lr is None
+
+
+def test_more_workers_than_a_local_ray_has_cpus_stop_before_any_worker(tiny_data, ray_local, tmp_path):
+    cfg = load_config(CONFIGS / "target_only.yaml").with_overrides(
+        {"data": tiny_data, "storage": str(tmp_path), "train.workers": 64})
+    with pytest.raises(SpecError, match="train.workers: 64 workers need 64 CPUs and the Ray cluster has"):
+        pipeline.run(cfg)
+    assert not (tmp_path / "stages").exists()

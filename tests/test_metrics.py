@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from raytrain_ctr.compare import activity_markdown
-from raytrain_ctr.train.metrics import Activity, auc, by_activity, gauc, logloss
+from raytrain_ctr.train.metrics import Activity, MetricsError, auc, by_activity, check_evaluable, gauc, logloss
 
 
 def brute_auc(y, s) -> float:
@@ -69,3 +69,35 @@ def test_activity_buckets_users_by_their_train_clicks():
     table = activity_markdown(runs, ["a", "b"])
     assert "| a | 1.0000 ± 0.0000 | 1.0000 ± 0.0000 | 0.0000 ± 0.0000" in table and "| b |" not in table
     assert "0-9: 2, 10-29: 1, 30+: 1" in table and activity_markdown([{"entry": "b"}], ["b"]) == ""
+
+
+def test_splits_without_a_meaningful_figure_are_refused_by_cause():
+    y, p = np.array([0.0, 1.0, 0.0]), np.array([0.2, 0.7, 0.1])
+    check_evaluable(y, p, "target valid")  # fine
+    with pytest.raises(MetricsError, match="the target valid split has no rows"):
+        check_evaluable(y[:0], p[:0], "target valid")
+    with pytest.raises(MetricsError, match="1 of 3 predictions on the target test split are NaN"):
+        check_evaluable(y, np.array([0.2, np.nan, 0.1]), "target test")
+    with pytest.raises(MetricsError, match="every row of the target test split has label 0: AUC needs both"):
+        check_evaluable(np.zeros(3), p, "target test")
+
+
+def test_a_stage_evaluating_a_one_class_split_stops(tiny_data):
+    """The evaluation itself refuses (the Ray loop calls the same ``evaluate``): no −1 or nan result."""
+    import torch
+    from helpers import load
+
+    from raytrain_ctr.config import TrainConfig
+    from raytrain_ctr.data.dataset import CTRDataset
+    from raytrain_ctr.methods import get_method
+    from raytrain_ctr.models.backbones import ModelConfig
+    from raytrain_ctr.train.local import fit_local
+
+    ds = CTRDataset.load(tiny_data)
+    specs = {d: ds.domain(d).spec for d in ds.domains}
+    valid = load(ds, "target", "valid")
+    negatives = valid.select(torch.nonzero(valid.label == 0).squeeze(1))
+    m = get_method("target_only")
+    with pytest.raises(MetricsError, match="every row of the valid split has label 0"):
+        fit_local(m, m.stages[0], specs, ModelConfig(deep=(8,)), TrainConfig(epochs=1, batch_size=4096),
+                  {"target": load(ds, "target", "train").select(slice(0, 2048))}, negatives)

@@ -19,7 +19,7 @@ from raytrain_ctr.embedding import BACKENDS, fields_of
 from raytrain_ctr.layers.inputs import FieldInputs, dense_fields_of, embedding_for
 from raytrain_ctr.layers.interaction import CrossLayer, CrossLayerV2, fm_interaction
 from raytrain_ctr.layers.mlp import DeepLayer
-from raytrain_ctr.spec import DomainSpec, SpecError
+from raytrain_ctr.spec import DomainSpec, SpecError, checked
 
 BACKBONES = ("dnn", "deepfm", "dcn", "dcnv2")
 
@@ -36,6 +36,16 @@ class ModelConfig:
     row_wise_from_rows: int = 1_000_000  # torchrec: unconfigured tables this large are row-wise, others table-wise
 
     def __post_init__(self) -> None:
+        if not isinstance(self.deep, (list, tuple)) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1
+                                                        for d in self.deep):
+            raise SpecError(f"model.deep: a list of layer widths ≥ 1, got {self.deep!r}")
+        object.__setattr__(self, "deep", tuple(self.deep))
+        object.__setattr__(self, "cross_layers", checked(self.cross_layers, "model.cross_layers", int, 0))
+        object.__setattr__(self, "dropout", checked(self.dropout, "model.dropout", float, 0, below=1))
+        object.__setattr__(self, "embedding_dim", checked(self.embedding_dim, "model.embedding_dim", int, 1,
+                                                          optional=True))
+        object.__setattr__(self, "row_wise_from_rows", checked(self.row_wise_from_rows, "model.row_wise_from_rows",
+                                                               int, 1))
         if self.backbone not in BACKBONES:
             raise SpecError(f"model.backbone: unknown backbone '{self.backbone}' (one of {list(BACKBONES)})")
         if self.embedding_backend not in BACKENDS:

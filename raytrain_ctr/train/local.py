@@ -49,7 +49,7 @@ def fit_local(method: Method, stage: Stage, specs: dict[str, DomainSpec], model_
         chunks = {d: split_batches(b, sizes[d], gen) for d, b in train.items()}
         for step in range(max(len(c) for c in chunks.values())):
             train_step(model, ctx, {d: c[step] for d, c in chunks.items() if step < len(c)}, optimizers, sync)
-        metrics = evaluate(model, ctx, split_batches(valid, 8192), valid.user is not None)
+        metrics = evaluate(model, ctx, split_batches(valid, 8192), valid.user is not None, split="valid")
         history.append({"epoch": epoch, **metrics})
         best = max(best, metrics["auc"])
     return LocalResult(model, history, best)

@@ -158,10 +158,12 @@ def lockstep(batches: Iterable[Batch], empty: Batch) -> Iterator[Batch]:
 
 
 def evaluate(model: torch.nn.Module, ctx: StageContext, batches: Iterable[Batch], with_users: bool,
-             empty: Batch | None = None, activity: M.Activity | None = None) -> dict[str, Any]:
+             empty: Batch | None = None, activity: M.Activity | None = None, split: str = "evaluation"
+             ) -> dict[str, Any]:
     """Exact metrics over the whole split: every worker's predictions are gathered first.
     With ``empty`` given, workers step in lockstep (sharded models); with ``activity``, also per
-    user-activity bucket (``by_activity``)."""
+    user-activity bucket (``by_activity``). An empty or one-class split, or a non-finite prediction,
+    stops the stage (:class:`~raytrain_ctr.train.metrics.MetricsError`) instead of reporting −1 or nan."""
     model.eval()
     probs, labels, users = [], [], []
     with torch.no_grad():
@@ -173,6 +175,7 @@ def evaluate(model: torch.nn.Module, ctx: StageContext, batches: Iterable[Batch]
     arrays = [M.to_numpy(labels), M.to_numpy(probs)] + ([M.to_numpy(users, np.int64)] if with_users else [])
     train_mode(model)
     gathered = M.gather(*arrays)
+    M.check_evaluable(gathered[0], gathered[1], split)
     out: dict[str, Any] = M.summarize(*gathered)
     if activity is not None and with_users:
         out["by_activity"] = M.by_activity(*gathered, activity)
@@ -260,7 +263,8 @@ def train_stage(config: dict) -> None:
         batches = iter_domain(ray.train.get_dataset_shard(dataset_key(eval_domain, split)), encoders[eval_domain],
                               max(batch_sizes.values()))
         average_statistics(model)
-        return evaluate(model, ctx, batches, with_users, empties[eval_domain] if empties else None, activity)
+        return evaluate(model, ctx, batches, with_users, empties[eval_domain] if empties else None, activity,
+                        f"{eval_domain} {split}")
 
     for epoch in range(start_epoch, tc.epochs):
         if best["bad"] >= tc.patience:

@@ -60,6 +60,23 @@ def gauc(labels: np.ndarray, scores: np.ndarray, users: np.ndarray) -> tuple[flo
     return (num / den if den else float("nan")), int(mixed.sum())
 
 
+class MetricsError(ValueError):
+    """An evaluation that would give no meaningful figure (an empty or one-class split, NaN predictions)."""
+
+
+def check_evaluable(labels: np.ndarray, probs: np.ndarray, split: str) -> None:
+    """Refuse a split whose AUC is undefined or whose predictions are not finite, naming the cause."""
+    if len(labels) == 0:
+        raise MetricsError(f"the {split} split has no rows (after its domain filter and time window): nothing to "
+                           f"evaluate")
+    bad = int((~np.isfinite(probs)).sum())
+    if bad:
+        raise MetricsError(f"{bad} of {len(probs)} predictions on the {split} split are NaN or infinite: the model "
+                           f"diverged (learning rate too high?) or an input is not finite")
+    if labels.min() == labels.max():
+        raise MetricsError(f"every row of the {split} split has label {labels[0]:g}: AUC needs both classes")
+
+
 def summarize(labels: np.ndarray, probs: np.ndarray, users: np.ndarray | None = None) -> dict[str, float]:
     out = {"auc": auc(labels, probs), "logloss": logloss(labels, probs), "rows": int(len(labels))}
     if users is not None:
