@@ -28,6 +28,7 @@ from raytrain_ctr.data.dataset import CTRDataset, DataError
 from raytrain_ctr.pipeline import PipelineError
 from raytrain_ctr.serving.package import PackageError
 from raytrain_ctr.spec import SpecError
+from raytrain_ctr.train.metrics import MetricsError
 from raytrain_ctr.train.state import StateMismatchError
 
 
@@ -338,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (SpecError, DataError, PipelineError, StateMismatchError, PackageError) as e:
+    except (SpecError, DataError, PipelineError, StateMismatchError, PackageError, MetricsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -39,7 +39,7 @@ from raytrain_ctr.methods import METHODS, Method, Stage, StageContext, get_metho
 from raytrain_ctr.runtime import check_workers
 from raytrain_ctr.spec import SpecError, check_keys
 from raytrain_ctr.train.loop import METRICS_FILE, MODEL_FILE, StageJob, dataset_key, stage_train_config, train_stage
-from raytrain_ctr.train.metrics import Activity
+from raytrain_ctr.train.metrics import Activity, MetricsError
 from raytrain_ctr.windows import Window
 
 log = logging.getLogger(__name__)
@@ -265,7 +265,13 @@ def run_stage(cfg: ExperimentConfig, method: Method, dataset: CTRDataset, stage:
                              failure_config=FailureConfig(max_failures=tc.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks or []),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as e:  # noqa: BLE001 - a worker's data or metrics error is the user's to fix: said plainly
+        user = worker_error(e)
+        if user is not None:
+            raise user from None
+        raise
     if result.checkpoint is None or not (result.metrics or {}).get("final"):
         raise PipelineError(f"stage '{stage.name}' ended without its final report: {result.error}")
     art = resolve(stage_dir(cfg, stage, resolved.key))[1]
@@ -275,6 +281,23 @@ def run_stage(cfg: ExperimentConfig, method: Method, dataset: CTRDataset, stage:
             if f.is_file():
                 pafs.copy_files(str(f), join(art, f.name), destination_filesystem=fs)
     return _read_json(fs, join(art, METRICS_FILE))
+
+
+def worker_error(error: BaseException) -> DataError | MetricsError | None:
+    """The first worker's :class:`DataError` or :class:`MetricsError` behind a failed ``fit`` (Ray wraps it),
+    as that error with its message alone; None when the failure is something else."""
+    for failure in getattr(error, "worker_failures", {}).values():
+        seen: BaseException | None = failure
+        for _ in range(8):  # Ray's wrappers are a few deep
+            if seen is None:
+                break
+            for kind in (DataError, MetricsError):
+                if isinstance(seen, kind):
+                    cause = getattr(seen, "cause", None)
+                    message = str(cause if isinstance(cause, kind) else seen).strip().splitlines()
+                    return kind(message[-1] if message else kind.__name__)
+            seen = seen.__cause__ or getattr(seen, "cause", None)
+    return None
 
 
 def _finished(fs: pafs.FileSystem, art: str) -> bool:

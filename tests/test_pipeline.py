@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -10,7 +11,7 @@ from helpers import local_test_metrics
 
 from raytrain_ctr import pipeline
 from raytrain_ctr.config import from_dict, load_config
-from raytrain_ctr.data.dataset import CTRDataset
+from raytrain_ctr.data.dataset import CTRDataset, DataError
 from raytrain_ctr.methods import get_method
 from raytrain_ctr.models.backbones import ModelConfig, build_model
 from raytrain_ctr.spec import SpecError
@@ -170,3 +171,22 @@ def test_export_and_predict_on_ray_data_reproduce_the_stage(finetune_run, tiny_d
         reported["test_auc"], abs=1e-6)
     assert main(["predict", "--package", str(tmp_path / "pkg"), "--input", str(tmp_path / "in"),
                  "--out", str(tmp_path / "out")]) == 2  # never appended to an earlier output
+
+
+def test_a_bad_value_in_a_streamed_split_stops_the_stage_by_name(tiny_data, ray_local, tmp_path):
+    """Streamed through Ray Data (no driver-side cache), a label of 2 in the target's train split stops the
+    stage at the worker's first bad batch with the column, rule and domain, and nothing is cached."""
+    import shutil
+
+    data = str(tmp_path / "data")
+    shutil.copytree(tiny_data, data)
+    file = CTRDataset.load(data).files("target", "train")[0]
+    table = pq.read_table(file)
+    labels = table.column("label").to_pylist()
+    labels[5] = 2
+    pq.write_table(table.set_column(table.schema.get_field_index("label"), "label",
+                                    pa.array(labels, table.schema.field("label").type)), file)
+    cfg = config(data, str(tmp_path / "runs"), "target_only", train={"epochs": 1, "cache_mb": 0, "max_failures": 0})
+    with pytest.raises(DataError, match=r"domain 'target', train split .*column 'label': label 2 outside \{0, 1\}"):
+        pipeline.run(cfg)
+    assert not list((tmp_path / "runs" / "stages").glob("*/model.pt"))

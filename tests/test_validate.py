@@ -65,10 +65,13 @@ def with_(**changes) -> dict:
     (with_(item_id=pa.array(["a"] * 40)), "column 'item_id' has type string: ids 'identity' need ints"),
     (with_(hist=pa.array(range(40))), "column 'hist' has type int64: a sequence field must be a list column"),
     (with_(price=pa.array(["x"] * 40)), "column 'price' has type string: a dense field must be a float"),
-    (with_(label=pa.array([0, 1, None, 1] * 10, pa.int8())), "column 'label': 1[0] null labels"),
-    (with_(label=pa.array([0, 1, 2, 1] * 10, pa.int8())), r"column 'label': label 2\.0 outside \{0, 1\}"),
+    (with_(label=pa.array([0, 1, None, 1] * 10, pa.int8())),
+     r"column 'label': null label \(labels are required\) \(10 rows, the first at row 2\)"),
+    (with_(label=pa.array([0, 1, 2, 1] * 10, pa.int8())),
+     r"column 'label': label 2 outside \{0, 1\} \(10 rows, the first at row 2\)"),
     (with_(user_id=pa.array([-3] + [1] * 39)), "column 'user_id': negative id -3"),
-    (with_(item_id=pa.array([None] + [1] * 39, pa.int64())), "column 'item_id': 1 nulls in an id field"),
+    (with_(item_id=pa.array([None] + [1] * 39, pa.int64())),
+     r"column 'item_id': null id .* \(1 rows, the first at row 0\)"),
     (with_(label=pa.array(["yes"] * 40)), "label column 'label' has type string"),
 ])
 def test_bad_data_names_file_column_rule(tmp_path, cols, message):
@@ -120,3 +123,50 @@ def test_domain_column_layout(tmp_path):
         d: {"spec": f"{d}.spec.yaml", "path": "all", "where": {"domain": d}} for d in ("source", "target")}}))
     rows = {s.domain: s.rows for s in validate(CTRDataset.load(str(tmp_path)))}
     assert rows == {"source": 20, "target": 40}
+
+
+def _set(values: list, at: int, value) -> list:
+    return values[:at] + [value] + values[at + 1:]
+
+
+BAD_VALUES = {  # kind: (column, a column with one bad value at row 7 (or from row 7), the rule's words)
+    "label 2": ("label", pa.array(_set([0, 1] * 20, 7, 2), pa.int8()), r"label 2 outside \{0, 1\}"),
+    "label 0.5": ("label", pa.array(_set([0.0, 1.0] * 20, 7, 0.5)), r"label 0.5 outside \{0, 1\}"),
+    "label -1": ("label", pa.array(_set([0, 1] * 20, 7, -1), pa.int64()), r"label -1 outside \{0, 1\}"),
+    "label true/false ok, null not": ("label", pa.array(_set([False, True] * 20, 7, None)), "null label"),
+    "null label": ("label", pa.array(_set([0, 1] * 20, 7, None), pa.int8()), "null label"),
+    "negative user id": ("user_id", pa.array(_set(list(range(1, 41)), 7, -3)), "negative id -3"),
+    "null user id": ("user_id", pa.array(_set(list(range(1, 41)), 7, None), pa.int64()), "null id"),
+    "negative item id": ("item_id", pa.array(_set([5] * 40, 7, -1)), "negative id -1"),
+    "null item id": ("item_id", pa.array(_set([5] * 40, 7, None), pa.int64()), "null id"),
+    "negative list element": ("hist", pa.array(_set([[1, 2]] * 40, 7, [3, -2]), pa.list_(pa.int64())),
+                              "negative id -2"),
+    "null list element": ("hist", pa.array(_set([[1, 2]] * 40, 7, [3, None]), pa.list_(pa.int64())),
+                          "null list element"),
+    "NaN dense": ("price", pa.array(_set([0.5] * 40, 7, float("nan"))), "dense value nan is not finite"),
+    "inf dense": ("price", pa.array(_set([0.5] * 40, 7, float("inf"))), "dense value inf is not finite"),
+    "-inf dense": ("price", pa.array(_set([0.5] * 40, 7, float("-inf"))), "dense value -inf is not finite"),
+    "NaN dense, float32": ("price", pa.array(_set([0.5] * 40, 7, float("nan")), pa.float32()),
+                           "dense value nan is not finite"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_VALUES))
+def test_every_path_that_reads_data_stops_at_a_bad_value(kind, tmp_path):
+    """validate, the driver's read of a small split (file named) and the workers' encoder (each batch) refuse
+    the same value, naming the column, the rule and the row."""
+    from raytrain_ctr.data.encode import FeatureEncoder
+    from raytrain_ctr.data.ingest import small_split
+
+    column, values, rule = BAD_VALUES[kind]
+    root = write(tmp_path, {**good_table(), column: values})
+    ds = CTRDataset.load(root)
+    where = rf"column '{column}': {rule}.*the first at row 7"
+    with pytest.raises(DataError, match=rf"part-00000\.parquet: {where}"):
+        validate(ds)
+    with pytest.raises(DataError, match=rf"part-00000\.parquet: {where}"):
+        small_split(ds, "target", "train", None, ds.domain("target").columns, 1 << 30)
+    table = pq.read_table(ds.files("target", "train"))
+    with pytest.raises(DataError, match=rf"domain 'target', a batch of 40 rows: {where}"):
+        FeatureEncoder(ds.domain("target").spec).encode(table)
+    FeatureEncoder(ds.domain("target").spec).encode(table.filter(pa.array([i != 7 for i in range(40)])))

@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 import torch
 
 from raytrain_ctr.batch import Batch
+from raytrain_ctr.data.validate import check_values
 from raytrain_ctr.spec import DomainSpec, FieldSpec
 
 
@@ -69,9 +70,10 @@ def user_key(raw: np.ndarray) -> np.ndarray:
 class FeatureEncoder:
     """Encodes Arrow data of one domain into :class:`Batch` objects."""
 
-    def __init__(self, spec: DomainSpec, extra_columns: tuple[str, ...] = ()):
+    def __init__(self, spec: DomainSpec, extra_columns: tuple[str, ...] = (), source: str | None = None):
         self.spec = spec
         self.extra_columns = extra_columns
+        self.source = source or f"domain '{spec.domain}'"  # where encode's batches come from, for its errors
 
     def features(self, data: pa.Table | pa.RecordBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The model's inputs alone: sparse fields as table rows (``[B]``, ``[B, max_len]``) and the
@@ -98,9 +100,12 @@ class FeatureEncoder:
         return cols, torch.from_numpy(dense)
 
     def encode(self, data: pa.Table | pa.RecordBatch) -> Batch:
+        """A labelled batch; the contract's value rules are checked first (a :class:`DataError` names the
+        source, column, rule and row: a bad value never trains)."""
         if isinstance(data, pa.RecordBatch):
             data = pa.Table.from_batches([data])
         spec = self.spec
+        check_values(data, spec, f"{self.source}, a batch of {data.num_rows} rows")
         sparse, dense = self.features(data)
         label = data.column(spec.label).to_numpy().astype(np.float32)
         user = time = None

@@ -13,7 +13,7 @@ out at different steps.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import zip_longest
 
 import numpy as np
@@ -23,10 +23,12 @@ import pyarrow.parquet as pq
 import torch
 from ray.train import DataConfig
 
-from raytrain_ctr.data.dataset import CTRDataset
+from raytrain_ctr.data.dataset import CTRDataset, DataError
 from raytrain_ctr.data.encode import Batch, FeatureEncoder, user_key
-from raytrain_ctr.data.validate import check_schema
+from raytrain_ctr.data.validate import check_schema, value_issues
 from raytrain_ctr.runtime import report
+
+ROW = "__row_in_file"
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,15 @@ def small_split(dataset: CTRDataset, domain: str, split: str, window: TimeWindow
     if not below_bytes or on_disk_bytes(dataset, files) >= below_bytes:
         return None
     keep = _row_filter(dom, files, dataset, window)
-    return filter_rows(pq.read_table(files, columns=columns, filesystem=dataset.filesystem), **keep)
+    tables = []
+    for file in files:  # each file's rows checked here, before any worker starts: errors name the file and row
+        t = pq.read_table(file, columns=columns, filesystem=dataset.filesystem)
+        t = filter_rows(t.append_column(ROW, pa.array(np.arange(t.num_rows))), **keep)
+        issues = value_issues(t, dom.spec)
+        if issues:
+            raise DataError(replace(issues[0], row=t.column(ROW)[issues[0].row].as_py()).message(file))
+        tables.append(t.drop_columns([ROW]))
+    return pa.concat_tables(tables)
 
 
 def read_split(dataset: CTRDataset, domain: str, split: str, window: TimeWindow | None = None,

@@ -77,6 +77,100 @@ def check_schema(domain: Domain, files: list[str], filesystem=None) -> None:
         list(pool.map(one, files))
 
 
+@dataclass(frozen=True)
+class Issue:
+    """A value rule broken by ``count`` rows of ``column``, the first at ``row`` (of the table checked)."""
+
+    column: str
+    rule: str
+    row: int
+    count: int
+
+    def message(self, where: str) -> str:
+        return f"{where}: column '{self.column}': {self.rule} ({self.count} rows, the first at row {self.row})"
+
+
+def _first(mask: np.ndarray) -> tuple[int, int]:
+    return int(np.argmax(mask)), int(mask.sum())
+
+
+def _minmax(values: pa.Array) -> tuple:
+    mm = pc.min_max(values)
+    return mm["min"].as_py(), mm["max"].as_py()
+
+
+def _label_issues(label: pa.Array, name: str) -> list[Issue]:
+    out = []
+    if label.null_count:
+        out.append(Issue(name, "null label (labels are required)",
+                         *_first(label.is_null().to_numpy(zero_copy_only=False))))
+    lab = pc.cast(label, pa.float64()) if pa.types.is_boolean(label.type) else label
+    if pa.types.is_floating(lab.type):
+        broken = pc.all(pc.or_(pc.equal(lab, 0.0), pc.equal(lab, 1.0))).as_py() is False
+    else:
+        lo, hi = _minmax(lab)
+        broken = lo is not None and (lo < 0 or hi > 1)
+    if broken:
+        values = pc.cast(lab, pa.float64()).fill_null(0).to_numpy(zero_copy_only=False)
+        bad = ~np.isin(values, (0.0, 1.0))
+        if bad.any():
+            out.append(Issue(name, f"label {values[bad][0]:g} outside {{0, 1}}", *_first(bad)))
+    return out
+
+
+def value_issues(table: pa.Table, spec: DomainSpec) -> list[Issue]:
+    """The value rules of the contract, one :class:`Issue` per column and rule broken: labels present and in
+    {0, 1}; identity ids (and their list elements) present and non-negative (a null list is an empty
+    history); dense values finite (a null dense value reads as 0). ``validate``, the driver's read of a small split and every worker's encoder
+    (each batch) check through this one function. Cheap aggregates decide; rows are located only when a
+    rule is broken. Only the spec's columns that ``table`` has are checked (a read of a few columns)."""
+    out: list[Issue] = []
+    names = set(table.column_names)
+    if spec.label in names:
+        out += _label_issues(table.column(spec.label).combine_chunks(), spec.label)
+    for f in spec.fields:
+        if f.name not in names:
+            continue
+        col = table.column(f.name).combine_chunks()
+        if f.type == "dense":
+            if pa.types.is_floating(col.type) and pc.all(pc.is_finite(col)).as_py() is False:
+                values = col.fill_null(0).to_numpy(zero_copy_only=False)
+                bad = ~np.isfinite(values)
+                out.append(Issue(f.name, f"dense value {values[bad][0]} is not finite", *_first(bad)))
+            continue
+        if f.ids != "identity":
+            continue
+        if col.null_count and f.type == "categorical":  # a null list is an empty history
+            out.append(Issue(f.name, "null id (use 0 for 'unknown', or ids: hash)",
+                             *_first(col.is_null().to_numpy(zero_copy_only=False))))
+        flat = pc.list_flatten(col) if f.type == "sequence" else col
+        if not len(flat):
+            continue
+        low = _minmax(flat)[0]
+        if not flat.null_count and (low is None or low >= 0):
+            continue
+        parents = pc.list_parent_indices(col).to_numpy() if f.type == "sequence" else np.arange(len(col))
+        if flat.null_count and f.type == "sequence":
+            out.append(Issue(f.name, "null list element (use 0 for 'unknown')",
+                             int(parents[np.argmax(flat.is_null().to_numpy(zero_copy_only=False))]),
+                             int(flat.null_count)))
+        ids = flat.fill_null(0).to_numpy(zero_copy_only=False)
+        bad = ids < 0
+        if bad.any():
+            rows = np.unique(parents[bad])
+            out.append(Issue(f.name, f"negative id {int(ids[bad][0])} (ids must be non-negative)", int(rows[0]),
+                             len(rows)))
+    return out
+
+
+def check_values(table: pa.Table, spec: DomainSpec, where: str) -> None:
+    """Raise a :class:`DataError` for the first broken value rule, naming ``where`` (a file, or the split
+    and batch), the column, the rule and the row."""
+    issues = value_issues(table, spec)
+    if issues:
+        raise DataError(issues[0].message(where))
+
+
 @dataclass
 class FileStats:
     """What one file contributes to the summary, and the rules it breaks."""
@@ -119,23 +213,15 @@ def scan_file(path: str, spec: DomainSpec, where: dict, filesystem=None) -> File
         t = pa.Table.from_batches([rb])
         if where:
             t = t.filter(_where_mask(t, where))
+        base = st.rows
         st.rows += t.num_rows
-        label = t.column(spec.label)
-        if label.null_count:
-            st.issues.append(f"{path}: column '{spec.label}': {label.null_count} null labels (labels are required)")
-        lab = pc.cast(label.drop_null(), pa.float64()).to_numpy()
-        bad = ~np.isin(lab, (0.0, 1.0))
-        if bad.any():
-            st.issues.append(f"{path}: column '{spec.label}': label {float(lab[bad][0])} outside {{0, 1}} "
-                             f"({int(bad.sum())} rows)")
-        st.positives += int((lab == 1).sum())
+        st.issues += [i.message(f"{path}").replace(f"the first at row {i.row}", f"the first at row {base + i.row}")
+                      for i in value_issues(t, spec)]
+        st.positives += int(pc.sum(pc.equal(pc.cast(t.column(spec.label), pa.float64()), 1.0)).as_py() or 0)
         for f in spec.fields:
             col = t.column(f.name)
             if col.null_count:
                 st.nulls[f.name] = st.nulls.get(f.name, 0) + col.null_count
-                if f.is_sparse and f.ids == "identity":
-                    st.issues.append(f"{path}: column '{f.name}': {col.null_count} nulls in an id field "
-                                     "(use 0 for 'unknown' or ids: hash)")
             if not f.is_sparse:
                 continue
             values = col
@@ -148,10 +234,6 @@ def scan_file(path: str, spec: DomainSpec, where: dict, filesystem=None) -> File
                                            prev[2] + int(lengths.sum())]
                 values = pc.list_flatten(arr)
             values = values.drop_null()
-            if f.ids == "identity" and len(values):
-                mn = pc.min(values).as_py()
-                if mn is not None and mn < 0:
-                    st.issues.append(f"{path}: column '{f.name}': negative id {mn} (ids must be non-negative)")
             u = pc.unique(values).to_numpy(zero_copy_only=False)
             st.uniques[f.name] = np.union1d(st.uniques[f.name], u) if f.name in st.uniques else u
     return st
