@@ -121,9 +121,10 @@ def _label_issues(label: pa.Array, name: str) -> list[Issue]:
 def value_issues(table: pa.Table, spec: DomainSpec) -> list[Issue]:
     """The value rules of the contract, one :class:`Issue` per column and rule broken: labels present and in
     {0, 1}; identity ids (and their list elements) present and non-negative (a null list is an empty
-    history); dense values finite (a null dense value reads as 0). ``validate``, the driver's read of a small split and every worker's encoder
-    (each batch) check through this one function. Cheap aggregates decide; rows are located only when a
-    rule is broken. Only the spec's columns that ``table`` has are checked (a read of a few columns)."""
+    history); dense values finite (a null dense value reads as 0). ``validate``, the driver's read of a
+    small split and every worker's encoder (each batch) check through this one function. Cheap aggregates
+    decide; rows are located only when a rule is broken. Only the spec's columns that ``table`` has are
+    checked (a read of a few columns)."""
     out: list[Issue] = []
     names = set(table.column_names)
     if spec.label in names:

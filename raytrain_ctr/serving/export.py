@@ -67,9 +67,7 @@ def example_batch(dataset: CTRDataset, domain: str, split: str = "test", rows: i
 
 def export_package(cfg: ExperimentConfig, out: str | Path, stage: str | None = None) -> Path:
     """The package of the run's last stage (or ``stage``), written to ``out``; the stage must have finished."""
-    from raytrain_ctr.pipeline import PipelineError, artifact_name, resolve_stages, stage_dir
-    from raytrain_ctr.serving.package import write_package
-    from raytrain_ctr.serving.program import export_program
+    from raytrain_ctr.pipeline import PipelineError, resolve_stages, stage_dir
     from raytrain_ctr.train.loop import METRICS_FILE, MODEL_FILE
 
     dataset = CTRDataset.load(cfg.data)
@@ -84,11 +82,22 @@ def export_package(cfg: ExperimentConfig, out: str | Path, stage: str | None = N
                             f"(for this config, data and as_of); run it first: raytrain-ctr run --config ...")
     with fs.open_input_stream(files[METRICS_FILE]) as f:
         metrics = json.loads(f.read())
-    local = files[MODEL_FILE]
-    if not isinstance(fs, pafs.LocalFileSystem):  # a local copy, to be memory-mapped
-        local = str(Path(tempfile.mkdtemp(prefix="raytrain-ctr-export-")) / MODEL_FILE)
-        pafs.copy_files(files[MODEL_FILE], local, source_filesystem=fs)
-    state = torch.load(local, map_location="cpu", weights_only=True, mmap=True)  # tables paged in, not read
+    with tempfile.TemporaryDirectory(prefix="raytrain-ctr-export-") as tmp:
+        local = files[MODEL_FILE]
+        if not isinstance(fs, pafs.LocalFileSystem):  # a local copy, to be memory-mapped
+            local = str(Path(tmp) / MODEL_FILE)
+            pafs.copy_files(files[MODEL_FILE], local, source_filesystem=fs)
+        state = torch.load(local, map_location="cpu", weights_only=True, mmap=True)  # tables paged in, not read
+        return _package(cfg, dataset, method, st, key, directory, metrics, state, out)
+
+
+def _package(cfg: ExperimentConfig, dataset: CTRDataset, method: Method, st: Stage, key: str, directory: str,
+             metrics: dict, state: dict[str, torch.Tensor], out: str | Path) -> Path:
+    from raytrain_ctr.pipeline import artifact_name
+    from raytrain_ctr.serving.package import write_package
+    from raytrain_ctr.serving.program import export_program
+    from raytrain_ctr.train.loop import MODEL_FILE
+
     specs = {d: dataset.domain(d).spec for d in dataset.domains}
     served = served_model(method, st, specs, cfg.model, state, source=join(directory, MODEL_FILE))
     program = export_program(served, example_batch(dataset, st.eval_domain))

@@ -4,7 +4,7 @@ The input is cut into its Parquet row groups (read from the footers on the drive
 ``map_batches`` over them runs on a pool of actors, each loading the package once, reading its
 row groups, encoding them with the training encoder and scoring them. Every output row carries its
 row id, ``file`` and ``row`` (the row's index in its file), so each input row is written exactly
-once and can be joined back; ``--id-column`` columns (a request id, the label) are carried along.
+once and can be joined back; the ``--carry`` columns (a request id, the label) are copied along.
 """
 
 from __future__ import annotations
