@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,7 @@ def checked(value: Any, key: str, kind: type, minimum: float | None = None, excl
             value = float(value)
         except ValueError:
             raise SpecError(f"{key}: expected a number, got {value!r}") from None
-    allowed = (int, float) if kind is float else (int,)
+    allowed = numbers.Real if kind is float else numbers.Integral  # numpy scalars too (Tune samples them)
     if isinstance(value, bool) or not isinstance(value, allowed) or (kind is float and not math.isfinite(value)):
         raise SpecError(f"{key}: expected {'a finite number' if kind is float else 'an integer'}, got {value!r}")
     value = kind(value)
