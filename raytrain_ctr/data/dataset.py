@@ -48,6 +48,12 @@ def join(root: str, *parts: str) -> str:
     return posixpath.join(root.rstrip("/"), *parts)
 
 
+def parquet_under(fs: pafs.FileSystem, path: str) -> list[str]:
+    """The Parquet files under a directory (recursively), sorted."""
+    return sorted(i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                  if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+
+
 @dataclass(frozen=True)
 class Domain:
     """One domain of a dataset: its spec, where its Parquet lies, and an optional row filter."""
@@ -119,11 +125,7 @@ class CTRDataset:
         info = self.filesystem.get_file_info(path)
         if info.type != pafs.FileType.Directory:
             raise DataError(f"{path}: split '{split}' of domain '{domain}' does not exist")
-        sel = pafs.FileSelector(path, recursive=True)
-        files = sorted(
-            i.path for i in self.filesystem.get_file_info(sel)
-            if i.type == pafs.FileType.File and i.path.endswith(".parquet")
-        )
+        files = parquet_under(self.filesystem, path)
         if not files:
             raise DataError(f"{path}: empty domain: no Parquet files for domain '{domain}', split '{split}'")
         return files

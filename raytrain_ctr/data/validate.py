@@ -9,7 +9,7 @@ negative ids, and it gathers the summary (rows, positive rate, cardinalities, li
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -216,8 +216,7 @@ def scan_file(path: str, spec: DomainSpec, where: dict, filesystem=None) -> File
             t = t.filter(_where_mask(t, where))
         base = st.rows
         st.rows += t.num_rows
-        st.issues += [i.message(f"{path}").replace(f"the first at row {i.row}", f"the first at row {base + i.row}")
-                      for i in value_issues(t, spec)]
+        st.issues += [replace(i, row=base + i.row).message(path) for i in value_issues(t, spec)]
         st.positives += int(pc.sum(pc.equal(pc.cast(t.column(spec.label), pa.float64()), 1.0)).as_py() or 0)
         for f in spec.fields:
             col = t.column(f.name)

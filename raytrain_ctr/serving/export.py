@@ -17,7 +17,6 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
@@ -27,6 +26,7 @@ from raytrain_ctr.batch import Batch
 from raytrain_ctr.config import ExperimentConfig
 from raytrain_ctr.data.dataset import CTRDataset, DataError, join, resolve
 from raytrain_ctr.data.encode import FeatureEncoder
+from raytrain_ctr.data.ingest import filter_rows
 from raytrain_ctr.methods import Method, Stage, StageContext, get_method
 from raytrain_ctr.models.backbones import ModelConfig
 from raytrain_ctr.spec import DomainSpec
@@ -57,9 +57,8 @@ def example_batch(dataset: CTRDataset, domain: str, split: str = "test", rows: i
     """The first rows of a domain's split, encoded: the shapes the program is traced with."""
     dom = dataset.domain(domain)
     for file in dataset.files(domain, split):
-        table = pq.read_table(file, columns=dom.columns + list(dom.where), filesystem=dataset.filesystem)
-        for col, value in dom.where.items():
-            table = table.filter(pc.equal(table.column(col), value))
+        table = filter_rows(pq.read_table(file, columns=dom.columns + list(dom.where), filesystem=dataset.filesystem),
+                            dom.where, None, None, None)
         if table.num_rows >= 2:
             return FeatureEncoder(dom.spec).encode(table.slice(0, rows))
     raise DataError(f"domain '{domain}': its {split} split has fewer than two rows to export the model with")

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from raytrain_ctr.data.dataset import DataError, resolve
+from raytrain_ctr.data.dataset import DataError, parquet_under, resolve
+from raytrain_ctr.data.ingest import ROW, filter_rows
 from raytrain_ctr.serving.package import Package, PackageError, load
 
 
@@ -49,12 +49,8 @@ def parquet_files(paths: list[str]) -> list[str]:
         fs, path = resolve(p)
         info = fs.get_file_info(path)
         if info.type.name == "Directory":
-            from pyarrow.fs import FileSelector
-
-            found = sorted(i.path for i in fs.get_file_info(FileSelector(path, recursive=True))
-                           if i.type.name == "File" and i.path.endswith(".parquet"))
             prefix = p[: len(p) - len(path)] if "://" in p else ""
-            files += [prefix + f for f in found]
+            files += [prefix + f for f in parquet_under(fs, path)]
         elif info.type.name == "File":
             files.append(p)
         else:
@@ -79,10 +75,8 @@ class Scorer:
             with fs.open_input_file(path) as f:
                 table = pq.ParquetFile(f).read_row_group(int(index), columns=self.columns)
             rows = pa.array(np.arange(int(first), int(first) + table.num_rows, dtype=np.int64))
-            for col, value in self.where.items():
-                keep = pc.equal(table.column(col), value)
-                table, rows = table.filter(keep), rows.filter(keep)
-            cols = {"file": pa.array([str(file)] * table.num_rows, pa.string()), "row": rows,
+            table = filter_rows(table.append_column(ROW, rows), self.where, None, None, None)
+            cols = {"file": pa.array([str(file)] * table.num_rows, pa.string()), "row": table.column(ROW),
                     **{c: table.column(c) for c in self.carry},
                     "pctr": pa.array(self.package.predict(table), pa.float32())}
             out.append(pa.table(cols))
