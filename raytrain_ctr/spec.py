@@ -18,9 +18,12 @@ table is the padding/OOV row, so real ids land in rows ``1..num_embeddings-1``::
       - {name: hist_items, type: sequence, table: item, max_len: 20, pooling: mean, group: user}
       - {name: price, type: dense, group: item}
 
-``ids`` says how raw values become rows: ``identity`` (non-negative ints; ``0`` and ids
-``>= num_embeddings`` go to the OOV row), ``hash`` (ints or strings, hashed into rows
-``1..n-1``), or ``vocab`` (a list of values; unknown values go to the OOV row).
+``ids`` says how raw values become rows: ``identity`` (non-negative ints: id ``i`` reads row
+``i``, and ``0`` is the "unknown" id that reads the OOV row; with ``first_id: 0`` the ids are
+0-based and id ``i`` reads row ``i + 1``), ``hash`` (ints or strings, hashed into rows
+``1..n-1``), or ``vocab`` (a list of values). An identity id beyond its table, or a value not in
+the vocab, is an error unless the field says ``oov: map`` (it then reads the OOV row). A dense
+field's null and non-finite values are an error unless it names a ``fill`` value.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ FIELD_TYPES = ("categorical", "sequence", "dense")
 GROUPS = ("user", "item", "context")
 SCOPES = ("shared", "specific")
 ID_MODES = ("identity", "hash", "vocab")
+OOV_MODES = ("error", "map")
 POOLINGS = ("mean", "sum", "none")
 
 
@@ -115,6 +119,10 @@ class FieldSpec:
     max_len: int = 1
     pooling: str = "mean"
     dim: int | None = None
+    first_id: int = 1            # identity ids: the smallest real id (1, or 0 for 0-based ids)
+    oov: str = "error"           # identity/vocab: an id beyond the table (a value not in the vocab) is an error, or
+    #                              "map": it reads the OOV row
+    fill: float | None = None    # dense: the value of a null or non-finite entry (None: such entries are an error)
 
     @property
     def is_sparse(self) -> bool:
@@ -126,9 +134,22 @@ class FieldSpec:
         return self.type == "categorical" or (self.type == "sequence" and self.pooling != "none")
 
 
-_FIELD_KEYS = {"name", "type", "table", "group", "scope", "ids", "vocab", "max_len", "pooling", "dim"}
+_FIELD_KEYS = {"name", "type", "table", "group", "scope", "ids", "vocab", "max_len", "pooling", "dim",
+               "first_id", "oov", "fill"}
 _DOMAIN_KEYS = {"domain", "label", "user_id", "time", "tables", "fields"}
 _TABLE_KEYS = {"num_embeddings", "dim"}
+
+
+def _check_id_keys(spec: FieldSpec, raw: dict, where: str) -> None:
+    """``first_id`` belongs to identity ids, ``oov`` to identity and vocab ids, ``fill`` to dense fields."""
+    if spec.first_id not in (0, 1) or isinstance(spec.first_id, bool):
+        raise SpecError(f"{where} first_id: 0 (0-based ids) or 1 (id 0 means unknown), got {spec.first_id!r}")
+    if "first_id" in raw and not (spec.is_sparse and spec.ids == "identity"):
+        raise SpecError(f"{where}: first_id applies to identity ids only")
+    if "oov" in raw and not (spec.is_sparse and spec.ids in ("identity", "vocab")):
+        raise SpecError(f"{where}: oov applies to identity and vocab ids only (hashed ids always fit the table)")
+    if "fill" in raw and spec.type != "dense":
+        raise SpecError(f"{where}: fill applies to dense fields only")
 
 
 @dataclass(frozen=True)
@@ -200,7 +221,11 @@ class DomainSpec:
                 max_len=int(f.get("max_len", 1)),
                 pooling=_choice(f.get("pooling", "mean"), POOLINGS, f"{fw} pooling"),
                 dim=int(f["dim"]) if "dim" in f else None,
+                first_id=f.get("first_id", 1),
+                oov=_choice(f.get("oov", "error"), OOV_MODES, f"{fw} oov"),
+                fill=checked(f.get("fill"), f"{fw} fill", float, optional=True),
             )
+            _check_id_keys(spec, f, fw)
             if spec.is_sparse:
                 if spec.table is None:
                     raise SpecError(f"{fw}: a {spec.type} field needs a 'table'")
@@ -246,7 +271,7 @@ class DomainSpec:
         out["fields"] = []
         for f in self.fields:
             d = {"name": f.name, "type": f.type}
-            for k in ("table", "group", "scope", "ids", "max_len", "pooling", "dim"):
+            for k in ("table", "group", "scope", "ids", "max_len", "pooling", "dim", "first_id", "oov", "fill"):
                 v = getattr(f, k)
                 if v != getattr(defaults, k) and v is not None:
                     d[k] = v

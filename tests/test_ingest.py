@@ -3,9 +3,10 @@
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import torch
 
-from raytrain_ctr.data.dataset import CTRDataset
+from raytrain_ctr.data.dataset import CTRDataset, DataError
 from raytrain_ctr.data.encode import FeatureEncoder, stable_hash
 from raytrain_ctr.data.ingest import TimeWindow, joint, read_split, stream, user_clicks
 from raytrain_ctr.spec import DomainSpec
@@ -30,14 +31,19 @@ def test_encoder_maps_ids_pads_sequences_and_keeps_the_latest():
         "city": ["paris", "rome", "paris", None], "tag": ["b", "z", "a", None],
         "price": [1.5, None, 2.0, 0.0], "y": [1, 0, 1, 0], "u": ["x", "y", "x", "z"],
     })
-    b = FeatureEncoder(SPEC).encode(t)
-    assert b.sparse["item"].tolist() == [3, 0, 0, 9]  # 0 and out-of-range ids → OOV row 0
-    assert b.sparse["hist"].tolist() == [[3, 4, 5], [0, 0, 0], [0, 0, 0], [7, 0, 0]]
-    city = b.sparse["city"].tolist()
+    sparse, dense = FeatureEncoder(SPEC).features(t)  # serving's reading: lenient
+    assert sparse["item"].tolist() == [3, 0, 0, 9]  # 0 and out-of-range ids → OOV row 0
+    assert sparse["hist"].tolist() == [[3, 4, 5], [0, 0, 0], [0, 0, 0], [7, 0, 0]]
+    city = sparse["city"].tolist()
     assert city[0] == city[2] != 0 and 1 <= city[1] <= 4 and city[3] == 0
-    assert b.sparse["tag"].tolist() == [2, 0, 1, 0]  # vocab order, unknown → 0
-    assert b.dense[:, 0].tolist() == [1.5, 0.0, 2.0, 0.0] and b.label.dtype == torch.float32
-    assert b.user[0] == b.user[2] != b.user[1]
+    assert sparse["tag"].tolist() == [2, 0, 1, 0]  # vocab order, unknown → 0
+    assert dense[:, 0].tolist() == [1.5, 0.0, 2.0, 0.0]
+    with pytest.raises(DataError, match="column 'item': id 12 beyond table 'item'"):  # training's: the value rules
+        FeatureEncoder(SPEC).encode(t)
+    clean = t.filter(pa.array([True, False, False, True])).set_column(4, "price", pa.array([1.5, 0.0]))
+    b = FeatureEncoder(SPEC).encode(clean)
+    assert b.sparse["item"].tolist() == [3, 9] and b.label.dtype == torch.float32
+    assert b.user[0] != b.user[1]
 
 
 def test_stable_hash_is_stable():

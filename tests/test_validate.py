@@ -11,12 +11,14 @@ from raytrain_ctr.data.validate import validate
 from raytrain_ctr.spec import SpecError
 
 SPEC = {
-    "domain": "target", "label": "label", "user_id": "user_id",
-    "tables": {"user": {"num_embeddings": 50, "dim": 4}, "item": {"num_embeddings": 30, "dim": 4}},
+    "domain": "target", "label": "label", "user_id": "user_id", "time": "ts",
+    "tables": {"user": {"num_embeddings": 50, "dim": 4}, "item": {"num_embeddings": 30, "dim": 4},
+               "color": {"num_embeddings": 4, "dim": 4}},
     "fields": [
         {"name": "user_id", "type": "categorical", "table": "user"},
         {"name": "item_id", "type": "categorical", "table": "item"},
         {"name": "hist", "type": "sequence", "table": "item", "max_len": 3},
+        {"name": "color", "type": "categorical", "table": "color", "ids": "vocab", "vocab": ["red", "green", "blue"]},
         {"name": "price", "type": "dense"},
     ],
 }
@@ -27,7 +29,8 @@ def good_table(n: int = 40) -> dict:
     return {
         "user_id": pa.array(rng.integers(1, 50, n)), "item_id": pa.array(rng.integers(1, 30, n)),
         "hist": pa.array([list(rng.integers(1, 30, k)) for k in rng.integers(0, 5, n)], pa.list_(pa.int64())),
-        "price": pa.array(rng.random(n)), "label": pa.array(rng.integers(0, 2, n).astype(np.int8)),
+        "color": pa.array(rng.choice(["red", "green", "blue"], n)), "price": pa.array(rng.random(n)),
+        "ts": pa.array(1_700_000_000 + np.arange(n) * 60), "label": pa.array(rng.integers(0, 2, n).astype(np.int8)),
     }
 
 
@@ -148,6 +151,16 @@ BAD_VALUES = {  # kind: (column, a column with one bad value at row 7 (or from r
     "-inf dense": ("price", pa.array(_set([0.5] * 40, 7, float("-inf"))), "dense value -inf is not finite"),
     "NaN dense, float32": ("price", pa.array(_set([0.5] * 40, 7, float("nan")), pa.float32()),
                            "dense value nan is not finite"),
+    "null dense": ("price", pa.array(_set([0.5] * 40, 7, None)), "missing dense value"),
+    "null dense, int column": ("price", pa.array(_set([3] * 40, 7, None), pa.int32()), "missing dense value"),
+    "user id beyond its table": ("user_id", pa.array(_set(list(range(1, 41)), 7, 50)),
+                                 r"id 50 beyond table 'user' \(50 rows: ids up to 49"),
+    "item id far beyond its table": ("item_id", pa.array(_set([5] * 40, 7, 10**12)), "id 1000000000000 beyond"),
+    "list element beyond its table": ("hist", pa.array(_set([[1, 2]] * 40, 7, [3, 30]), pa.list_(pa.int64())),
+                                      "id 30 beyond table 'item'"),
+    "value not in the vocab": ("color", pa.array(_set(["red"] * 40, 7, "purple")),
+                               "value 'purple' is not in the vocab"),
+    "null time": ("ts", pa.array(_set(list(range(40)), 7, None), pa.int64()), "null time"),
 }
 
 
@@ -170,3 +183,84 @@ def test_every_path_that_reads_data_stops_at_a_bad_value(kind, tmp_path):
     with pytest.raises(DataError, match=rf"domain 'target', a batch of 40 rows: {where}"):
         FeatureEncoder(ds.domain("target").spec).encode(table)
     FeatureEncoder(ds.domain("target").spec).encode(table.filter(pa.array([i != 7 for i in range(40)])))
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_VALUES))
+def test_run_stops_at_a_bad_value_before_training(kind, tmp_path, ray_local):
+    """``raytrain-ctr run``'s path: the stage refuses the bad split by file, column, rule and row, and nothing is
+    trained or cached."""
+    from raytrain_ctr import pipeline
+    from raytrain_ctr.config import from_dict
+
+    column, values, rule = BAD_VALUES[kind]
+    root = write(tmp_path / "data", {**good_table(), column: values})
+    for split in ("valid", "test"):
+        (tmp_path / "data" / "target" / split).mkdir()
+        pq.write_table(pa.table(good_table()), tmp_path / "data" / "target" / split / "part-00000.parquet")
+    cfg = from_dict({"data": root, "method": "target_only", "storage": str(tmp_path / "runs"),
+                     "model": {"backbone": "dnn", "deep": [8]}, "train": {"epochs": 1, "batch_size": 16}})
+    with pytest.raises(DataError, match=rf"part-00000\.parquet: column '{column}': {rule}.*the first at row 7"):
+        pipeline.run(cfg)
+    assert not list((tmp_path / "runs").rglob("model.pt"))
+
+
+def _spec_with(**field_keys) -> dict:
+    """SPEC with extra keys on its fields, by field name."""
+    return {**SPEC, "fields": [{**f, **field_keys.get(f["name"], {})} for f in SPEC["fields"]]}
+
+
+def test_zero_based_ids_round_trip_with_no_id_on_the_oov_row(tmp_path):
+    """``first_id: 0``: id i reads row i + 1, so the first user and the first item are rows of their own; the same
+    data read as 1-based puts them on the OOV row and validate says by how much."""
+    from raytrain_ctr.data.encode import FeatureEncoder
+
+    n = 40
+    t = {**good_table(n), "user_id": pa.array(np.arange(n) % 49), "item_id": pa.array(np.arange(n) % 29),
+         "hist": pa.array([[i % 29, (i + 1) % 29] for i in range(n)], pa.list_(pa.int64()))}
+    zero = {"first_id": 0}
+    root = write(tmp_path / "a", t, spec=_spec_with(user_id=zero, item_id=zero, hist=zero))
+    ds = CTRDataset.load(root)
+    (s,) = validate(ds)
+    assert s.oov["user_id"] == s.oov["item_id"] == s.oov["hist"] == 0.0
+    batch = FeatureEncoder(ds.domain("target").spec).encode(pq.read_table(ds.files("target", "train")))
+    assert batch.sparse["user_id"].tolist() == [i % 49 + 1 for i in range(n)]
+    assert batch.sparse["item_id"].min() == 1 and batch.sparse["item_id"].max() == 29  # table 'item' has 30 rows
+    assert (batch.sparse["hist"][:, :2] > 0).all()
+    beyond = {**t, "item_id": pa.array(np.arange(n) % 30)}  # 0-based id 29 needs row 30: beyond the 30-row table
+    with pytest.raises(DataError, match=r"column 'item_id': id 29 beyond table 'item' \(30 rows: 0-based ids up to 28"):
+        validate(CTRDataset.load(write(tmp_path / "b", beyond, spec=_spec_with(user_id=zero, item_id=zero,
+                                                                                  hist=zero))))
+    one_based = {**t, "user_id": pa.array(np.arange(n) % 5)}  # 0-based ids read as 1-based: a fifth are id 0
+    with pytest.raises(DataError, match=r"column 'user_id': 20\.0% of its ids read the OOV row .*first_id: 0"):
+        validate(CTRDataset.load(write(tmp_path / "c", one_based)))
+    (s,) = validate(CTRDataset.load(str(tmp_path / "c")), max_oov=0.25)
+    assert s.oov["user_id"] == pytest.approx(0.2)
+
+
+def test_oov_map_and_fill_are_opt_in(tmp_path):
+    """``oov: map`` reads ids beyond the table (and unknown vocab values) as the OOV row, counted by validate;
+    ``fill`` replaces missing and non-finite dense values."""
+    from raytrain_ctr.data.encode import FeatureEncoder
+
+    t = {**good_table(), "item_id": pa.array(_set([5] * 40, 7, 31)), "color": pa.array(_set(["red"] * 40, 3, "x")),
+         "price": pa.array(_set(_set([0.5] * 40, 2, None), 9, float("nan")))}
+    spec = _spec_with(item_id={"oov": "map"}, color={"oov": "map"}, price={"fill": -1.0})
+    ds = CTRDataset.load(write(tmp_path, t, spec=spec))
+    (s,) = validate(ds)
+    assert s.oov["item_id"] == s.oov["color"] == pytest.approx(1 / 40)
+    batch = FeatureEncoder(ds.domain("target").spec).encode(pq.read_table(ds.files("target", "train")))
+    assert batch.sparse["item_id"][7] == 0 and batch.sparse["color"][3] == 0 and batch.sparse["color"][4] > 0
+    assert batch.dense[[2, 9], 0].tolist() == [-1.0, -1.0] and batch.dense[0, 0] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"user_id": {"first_id": 2}}, "first_id: 0 .* or 1 .*got 2"),
+    ({"color": {"first_id": 0}}, "first_id applies to identity ids only"),
+    ({"price": {"oov": "map"}}, "oov applies to identity and vocab ids only"),
+    ({"user_id": {"oov": "ignore"}}, r"oov: 'ignore' is not one of \['error', 'map'\]"),
+    ({"item_id": {"fill": 0}}, "fill applies to dense fields only"),
+    ({"price": {"fill": "nan"}}, "fill: expected a finite number"),
+])
+def test_bad_id_keys(keys, message, tmp_path):
+    with pytest.raises(SpecError, match=message):
+        CTRDataset.load(write(tmp_path, good_table(), spec=_spec_with(**keys)))

@@ -23,13 +23,19 @@ def stable_hash(values: np.ndarray) -> np.ndarray:
     return pd.util.hash_array(np.asarray(values, dtype=object) if values.dtype.kind in "OUS" else values)
 
 
-def fill_zero(values: pa.Array) -> pa.Array:
-    """Nulls as 0 (the spec's reading of a missing id or dense value)."""
-    return values.fill_null(0) if values.null_count else values
+def dense_values(values: pa.Array, f: FieldSpec) -> np.ndarray:
+    """A dense column as float32, its null and non-finite entries read as the field's ``fill`` (0 without one:
+    the value checks refuse them in training data, a serving row gets 0)."""
+    x = values.to_numpy(zero_copy_only=False).astype(np.float32)  # nulls arrive as NaN
+    bad = ~np.isfinite(x)
+    if bad.any():
+        x[bad] = 0.0 if f.fill is None else f.fill
+    return x
 
 
 def to_rows(values: pa.Array, f: FieldSpec, num_embeddings: int) -> np.ndarray:
-    """Map raw id values of one field to table rows in ``[0, num_embeddings)``; 0 is OOV."""
+    """Map raw id values of one field to table rows in ``[0, num_embeddings)``; 0 is OOV (a null, identity id 0
+    when ids start at 1, an id beyond the table, a value not in the vocab)."""
     n = num_embeddings
     if f.ids == "vocab":
         idx = pc.index_in(values, value_set=pa.array(list(f.vocab), type=values.type))
@@ -40,8 +46,11 @@ def to_rows(values: pa.Array, f: FieldSpec, num_embeddings: int) -> np.ndarray:
         if values.null_count:
             rows[values.is_null().to_numpy(zero_copy_only=False)] = 0
         return rows
-    ids = fill_zero(values).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-    return np.where((ids > 0) & (ids < n), ids, 0)
+    shift = 1 - f.first_id  # 0-based ids read rows 1.. (row 0 stays the OOV row)
+    rows = values.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64) + shift
+    if values.null_count:
+        rows[values.is_null().to_numpy(zero_copy_only=False)] = 0
+    return np.where((rows > 0) & (rows < n), rows, 0)
 
 
 def pad_lists(col: pa.ListArray | pa.LargeListArray, max_len: int) -> tuple[pa.Array, np.ndarray, np.ndarray]:
@@ -92,9 +101,7 @@ class FeatureEncoder:
                 cols[f.name] = torch.from_numpy(np.where(mask, flat[idx], 0))
         dense_fields = spec.dense_fields
         if dense_fields:
-            dense = np.stack(
-                [fill_zero(data.column(f.name).combine_chunks()).to_numpy(zero_copy_only=False).astype(np.float32)
-                 for f in dense_fields], axis=1)
+            dense = np.stack([dense_values(data.column(f.name).combine_chunks(), f) for f in dense_fields], axis=1)
         else:
             dense = np.zeros((data.num_rows, 0), dtype=np.float32)
         return cols, torch.from_numpy(dense)

@@ -20,6 +20,7 @@ from raytrain_ctr.data.dataset import SPLITS, CTRDataset, DataError, Domain
 from raytrain_ctr.spec import DomainSpec, FieldSpec
 
 MAX_ISSUES = 20
+MAX_OOV = 0.1  # validate's default bound on the share of a field's ids that read the OOV row
 
 
 def _is_int(t: pa.DataType) -> bool:
@@ -118,10 +119,70 @@ def _label_issues(label: pa.Array, name: str) -> list[Issue]:
     return out
 
 
+def _dense_issues(col: pa.Array, f: FieldSpec) -> list[Issue]:
+    if f.fill is not None:
+        return []
+    out = []
+    if col.null_count:
+        out.append(Issue(f.name, "missing dense value (name a 'fill' for it in the spec)",
+                         *_first(col.is_null().to_numpy(zero_copy_only=False))))
+    if pa.types.is_floating(col.type) and pc.all(pc.is_finite(col.drop_null())).as_py() is False:
+        values = col.fill_null(0).to_numpy(zero_copy_only=False)
+        bad = ~np.isfinite(values)
+        out.append(Issue(f.name, f"dense value {values[bad][0]} is not finite (name a 'fill' for it in the spec)",
+                         *_first(bad)))
+    return out
+
+
+def _id_issues(col: pa.Array, f: FieldSpec, num_embeddings: int) -> list[Issue]:
+    """Identity ids: present, non-negative, within the table unless ``oov: map``; vocab values: in the vocab
+    unless ``oov: map``. A sequence's issues are counted in rows and located at the first row."""
+    out: list[Issue] = []
+    if col.null_count and f.type == "categorical" and f.ids == "identity":  # a null list is an empty history
+        out.append(Issue(f.name, "null id (use 0 for 'unknown', or ids: hash)",
+                         *_first(col.is_null().to_numpy(zero_copy_only=False))))
+    flat = pc.list_flatten(col) if f.type == "sequence" else col
+    if not len(flat):
+        return out
+
+    def rows(bad: np.ndarray) -> tuple[int, int]:  # (first row, rows) of the flat positions in ``bad``
+        parents = pc.list_parent_indices(col).to_numpy()[bad] if f.type == "sequence" else np.flatnonzero(bad)
+        return int(parents[0]), len(np.unique(parents))
+
+    if f.ids == "vocab":
+        unknown = pc.and_(pc.invert(pc.is_in(flat, value_set=pa.array(list(f.vocab), type=flat.type))),
+                          pc.is_valid(flat))  # a null reads the OOV row
+        if f.oov == "error" and pc.any(unknown).as_py():
+            bad = unknown.to_numpy(zero_copy_only=False)
+            out.append(Issue(f.name, f"value {flat[int(np.argmax(bad))].as_py()!r} is not in the vocab "
+                                     "(add it, or set oov: map to read it as OOV)", *rows(bad)))
+        return out
+    if f.ids != "identity":
+        return out
+    low, high = _minmax(flat)
+    top = num_embeddings - 2 + f.first_id  # the largest id with a row of its own
+    beyond = f.oov == "error" and high is not None and high > top
+    if not flat.null_count and (low is None or low >= 0) and not beyond:
+        return out
+    if flat.null_count and f.type == "sequence":
+        out.append(Issue(f.name, "null list element (use 0 for 'unknown')",
+                         *rows(flat.is_null().to_numpy(zero_copy_only=False))[:1], int(flat.null_count)))
+    ids = flat.fill_null(0).to_numpy(zero_copy_only=False)
+    if (ids < 0).any():
+        out.append(Issue(f.name, f"negative id {int(ids[ids < 0][0])} (ids must be non-negative)", *rows(ids < 0)))
+    if beyond:
+        bad = ids > top
+        out.append(Issue(f.name, f"id {int(ids[bad][0])} beyond table '{f.table}' ({num_embeddings} rows: "
+                                 f"{'0-based ' if f.first_id == 0 else ''}ids up to {top}; size the table, or set "
+                                 "oov: map to read such ids as OOV)", *rows(bad)))
+    return out
+
+
 def value_issues(table: pa.Table, spec: DomainSpec) -> list[Issue]:
     """The value rules of the contract, one :class:`Issue` per column and rule broken: labels present and in
-    {0, 1}; identity ids (and their list elements) present and non-negative (a null list is an empty
-    history); dense values finite (a null dense value reads as 0). ``validate``, the driver's read of a
+    {0, 1}; the time present; identity ids (and their list elements) present, non-negative and within their
+    table (a null list is an empty history) and vocab values in the vocab, unless the field says ``oov: map``;
+    dense values present and finite unless the field names a ``fill``. ``validate``, the driver's read of a
     small split and every worker's encoder (each batch) check through this one function. Cheap aggregates
     decide; rows are located only when a rule is broken. Only the spec's columns that ``table`` has are
     checked (a read of a few columns)."""
@@ -129,38 +190,14 @@ def value_issues(table: pa.Table, spec: DomainSpec) -> list[Issue]:
     names = set(table.column_names)
     if spec.label in names:
         out += _label_issues(table.column(spec.label).combine_chunks(), spec.label)
+    if spec.time in names and table.column(spec.time).null_count:
+        out.append(Issue(spec.time, "null time (every row needs its time)",
+                         *_first(table.column(spec.time).is_null().to_numpy(zero_copy_only=False))))
     for f in spec.fields:
-        if f.name not in names:
-            continue
-        col = table.column(f.name).combine_chunks()
-        if f.type == "dense":
-            if pa.types.is_floating(col.type) and pc.all(pc.is_finite(col)).as_py() is False:
-                values = col.fill_null(0).to_numpy(zero_copy_only=False)
-                bad = ~np.isfinite(values)
-                out.append(Issue(f.name, f"dense value {values[bad][0]} is not finite", *_first(bad)))
-            continue
-        if f.ids != "identity":
-            continue
-        if col.null_count and f.type == "categorical":  # a null list is an empty history
-            out.append(Issue(f.name, "null id (use 0 for 'unknown', or ids: hash)",
-                             *_first(col.is_null().to_numpy(zero_copy_only=False))))
-        flat = pc.list_flatten(col) if f.type == "sequence" else col
-        if not len(flat):
-            continue
-        low = _minmax(flat)[0]
-        if not flat.null_count and (low is None or low >= 0):
-            continue
-        parents = pc.list_parent_indices(col).to_numpy() if f.type == "sequence" else np.arange(len(col))
-        if flat.null_count and f.type == "sequence":
-            out.append(Issue(f.name, "null list element (use 0 for 'unknown')",
-                             int(parents[np.argmax(flat.is_null().to_numpy(zero_copy_only=False))]),
-                             int(flat.null_count)))
-        ids = flat.fill_null(0).to_numpy(zero_copy_only=False)
-        bad = ids < 0
-        if bad.any():
-            rows = np.unique(parents[bad])
-            out.append(Issue(f.name, f"negative id {int(ids[bad][0])} (ids must be non-negative)", int(rows[0]),
-                             len(rows)))
+        if f.name in names:
+            col = table.column(f.name).combine_chunks()
+            out += (_dense_issues(col, f) if f.type == "dense"
+                    else _id_issues(col, f, spec.tables[f.table].num_embeddings))
     return out
 
 
@@ -181,6 +218,7 @@ class FileStats:
     nulls: dict[str, int] = field(default_factory=dict)
     uniques: dict[str, np.ndarray] = field(default_factory=dict)
     list_len: dict[str, list[int]] = field(default_factory=dict)  # [min, max, sum]
+    oov: dict[str, list[int]] = field(default_factory=dict)  # [values reading the OOV row, values]
     issues: list[str] = field(default_factory=list)
 
     def merge(self, o: FileStats) -> FileStats:
@@ -190,6 +228,9 @@ class FileStats:
             self.nulls[k] = self.nulls.get(k, 0) + v
         for k, v in o.uniques.items():
             self.uniques[k] = np.union1d(self.uniques[k], v) if k in self.uniques else v
+        for k, (n, total) in o.oov.items():
+            a = self.oov.setdefault(k, [0, 0])
+            a[0], a[1] = a[0] + n, a[1] + total
         for k, (lo, hi, s) in o.list_len.items():
             a = self.list_len.setdefault(k, [lo, hi, 0])
             a[0], a[1], a[2] = min(a[0], lo), max(a[1], hi), a[2] + s
@@ -207,6 +248,8 @@ def _where_mask(table: pa.Table, where: dict) -> pa.Array | None:
 
 def scan_file(path: str, spec: DomainSpec, where: dict, filesystem=None) -> FileStats:
     """Stream one file's row groups and check every value."""
+    from raytrain_ctr.data.encode import to_rows  # the encoder's own mapping (encode imports this module)
+
     st = FileStats()
     cols = spec.columns + [c for c in where if c not in spec.columns]
     pf = pq.ParquetFile(path, filesystem=filesystem)
@@ -233,6 +276,9 @@ def scan_file(path: str, spec: DomainSpec, where: dict, filesystem=None) -> File
                     st.list_len[f.name] = [min(prev[0], int(lengths.min())), max(prev[1], int(lengths.max())),
                                            prev[2] + int(lengths.sum())]
                 values = pc.list_flatten(arr)
+            rows = to_rows(values, f, spec.tables[f.table].num_embeddings)
+            a = st.oov.setdefault(f.name, [0, 0])
+            a[0], a[1] = a[0] + int((rows == 0).sum()), a[1] + len(rows)
             values = values.drop_null()
             u = pc.unique(values).to_numpy(zero_copy_only=False)
             st.uniques[f.name] = np.union1d(st.uniques[f.name], u) if f.name in st.uniques else u
@@ -258,18 +304,22 @@ class SplitSummary:
     cardinality: dict[str, int]
     nulls: dict[str, int]
     list_len: dict[str, dict[str, float]]
+    oov: dict[str, float]  # per sparse field: the share of its values that read the OOV row
 
     def line(self) -> str:
         card = ", ".join(f"{k}={v}" for k, v in self.cardinality.items())
         lists = ", ".join(f"{k}: {v['min']}-{v['max']} (mean {v['mean']:.1f})" for k, v in self.list_len.items())
         nulls = ", ".join(f"{k}={v}" for k, v in self.nulls.items() if v) or "none"
+        oov = ", ".join(f"{k}={v:.2%}" for k, v in self.oov.items() if v) or "none"
         return (f"{self.domain}/{self.split}: {self.rows:,} rows in {self.files} files, positive rate "
                 f"{self.positive_rate:.4f}\n    cardinality: {card}\n    list lengths: {lists or '-'}\n"
-                f"    nulls: {nulls}")
+                f"    nulls: {nulls}\n    OOV rows read: {oov}")
 
 
-def validate(dataset: CTRDataset, splits: tuple[str, ...] = SPLITS) -> list[SplitSummary]:
-    """Check every domain and split; return summaries or raise one DataError listing the problems."""
+def validate(dataset: CTRDataset, splits: tuple[str, ...] = SPLITS, max_oov: float = MAX_OOV) -> list[SplitSummary]:
+    """Check every domain and split; return summaries or raise one DataError listing the problems. A sparse field
+    whose values read the OOV row more often than ``max_oov`` (a share) is a problem: ids of the wrong base or
+    a table or vocab too small."""
     out, issues = [], []
     for name, dom in dataset.domains.items():
         present = [s for s in splits if dataset.has_split(name, s)]
@@ -284,11 +334,16 @@ def validate(dataset: CTRDataset, splits: tuple[str, ...] = SPLITS) -> list[Spli
             if st.rows == 0:
                 issues.append(f"{dom.path}/{split}: empty domain: domain '{name}' has no rows in split '{split}'")
             issues += st.issues
+            oov = {k: n / total for k, (n, total) in st.oov.items() if total}
+            issues += [f"{dom.path}/{split}: column '{k}': {v:.1%} of its ids read the OOV row (more than "
+                       f"max_oov {max_oov:.1%}): 0-based ids need first_id: 0; a table or vocab may be too small"
+                       for k, v in oov.items() if v > max_oov]
             out.append(SplitSummary(
                 name, split, len(files), st.rows, st.positives / max(st.rows, 1),
                 {k: len(v) for k, v in st.uniques.items()},
                 {f.name: st.nulls.get(f.name, 0) for f in dom.spec.fields},
                 {k: {"min": v[0], "max": v[1], "mean": v[2] / max(st.rows, 1)} for k, v in st.list_len.items()},
+                oov,
             ))
     if issues:
         more = f"\n  ... and {len(issues) - MAX_ISSUES} more" if len(issues) > MAX_ISSUES else ""
