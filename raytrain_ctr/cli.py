@@ -2,7 +2,9 @@
 
     raytrain-ctr synth --out DIR [--rows N] [--seed S] [--preset NAME]
     raytrain-ctr movielens --out DIR [--from PATH] [--split random|time] [--variant gender|entities]
-    raytrain-ctr validate DIR
+    raytrain-ctr validate [DIR] [--config YAML] [--max-oov 0.1]
+    raytrain-ctr spec infer DIR [--label label] [--exclude COL ...]   write the specs from the Parquet
+    raytrain-ctr negatives DIR --out DIR [--k 4] [--sampling uniform|popularity]   click-only logs
     raytrain-ctr ingest DIR [--workers N]          stream a dataset through Train workers
     raytrain-ctr run --config YAML [--variant V] [--stage S] [--force] [--as-of DATE] [--set KEY=VALUE ...]
     raytrain-ctr schedule --config YAML --start DATE [--days 90]   cadenced jobs day by day (E-CDCTR), timeline
@@ -25,6 +27,7 @@ import time
 from pathlib import Path
 
 from raytrain_ctr.data.dataset import CTRDataset, DataError
+from raytrain_ctr.data.validate import MAX_OOV
 from raytrain_ctr.pipeline import PipelineError
 from raytrain_ctr.serving.package import PackageError
 from raytrain_ctr.spec import SpecError
@@ -55,15 +58,59 @@ def cmd_movielens(a: argparse.Namespace) -> None:
         print(f"{dom}: {sum(c.values()):,} rows (" + ", ".join(f"{k} {v:,}" for k, v in c.items()) + ")")
 
 
+RAY_VALIDATE_BYTES = 256 << 20  # validate scans smaller data in this process: starting Ray costs more
+
+
 def cmd_validate(a: argparse.Namespace) -> None:
+    import os
+
     from raytrain_ctr.data.validate import validate
     from raytrain_ctr.runtime import init_ray
 
-    ds = CTRDataset.load(a.dir)
-    init_ray()
-    for s in validate(ds):
+    cfg = experiment(a) if a.config else None
+    if cfg is None and a.dir is None:
+        raise SpecError("validate: give a dataset directory, or --config (its data, mapped by its roles)")
+    ds = CTRDataset.load(a.dir or cfg.data, cfg.roles if cfg else None)
+    if cfg:
+        from raytrain_ctr.methods import get_method
+        from raytrain_ctr.pipeline import check_stage_inputs
+
+        method = get_method(cfg.method, cfg.method_args)
+        for stage in method.stages:
+            check_stage_inputs(cfg, ds, method, stage)
+    if a.ray or os.environ.get("RAY_ADDRESS") or ds.size_bytes > RAY_VALIDATE_BYTES:
+        init_ray()
+    for s in validate(ds, max_oov=a.max_oov):
         print(s.line())
-    print("ok: every domain and split satisfies its spec")
+    print("ok: every domain and split satisfies its spec" + (f"; method '{cfg.method}' finds the domains its "
+                                                               f"stages read" if cfg else ""))
+
+
+def cmd_spec_infer(a: argparse.Namespace) -> None:
+    from raytrain_ctr.data.infer import infer_specs, write_specs
+
+    specs = infer_specs(a.dir, label=a.label, user_id=a.user_id or None, time=a.time, exclude=tuple(a.exclude or ()),
+                        dense=tuple(a.dense or ()), dim=a.dim, max_len=a.max_len, vocab_max=a.vocab_max)
+    for path in write_specs(a.dir, specs, force=a.force):
+        print(f"wrote {path}")
+    for name, spec in specs.items():
+        tables = ", ".join(f"{t.name} {t.num_embeddings:,}" for t in spec.tables.values())
+        print(f"{name}: {len(spec.fields)} fields; tables (rows incl. OOV): {tables}")
+    print("review the specs, then: raytrain-ctr validate " + a.dir)
+
+
+def cmd_negatives(a: argparse.Namespace) -> None:
+    from raytrain_ctr.data.negatives import sample_negatives
+    from raytrain_ctr.runtime import init_ray
+
+    if a.parallelism != 1:
+        init_ray()
+    counts = sample_negatives(a.dir, a.out, user=a.user, item=a.item, k=a.k, sampling=a.sampling,
+                              item_columns=tuple(a.item_columns or ()), label=a.label, seed=a.seed,
+                              domains=tuple(a.domains) if a.domains else None, parallelism=a.parallelism or None)
+    for dom, splits in counts.items():
+        print(f"{dom}: " + ", ".join(f"{s} {pos:,} positives + {neg:,} negatives" for s, (pos, neg) in splits.items()))
+    print(f"wrote {a.out}")
 
 
 def cmd_ingest(a: argparse.Namespace) -> None:
@@ -226,36 +273,80 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("synth", help="write planted-mechanism source/target Parquet + specs")
-    s.add_argument("--out", required=True)
+    s.add_argument("--out", required=True, help="dataset directory to write")
     s.add_argument("--rows", type=int, default=None, help="source rows (target = rows * target_ratio)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--preset", default="default")
+    s.add_argument("--seed", type=int, default=0, help="same seed, byte-identical files (default %(default)s)")
+    s.add_argument("--preset", default="default",
+                   help="default, tiny, homogeneous, noisy, entities (MKT), drift (E-CDCTR) or large")
     s.add_argument("--parallelism", type=int, default=0, help="max concurrent Ray tasks (0 = all, 1 = no Ray)")
     s.set_defaults(func=cmd_synth)
 
     s = sub.add_parser("movielens", help="MovieLens (male=source, female=target) → Parquet + specs")
-    s.add_argument("--out", required=True)
+    s.add_argument("--out", required=True, help="dataset directory to write")
     s.add_argument("--from", dest="source", default=None, help="folder with ml-100k or ml-1m files")
-    s.add_argument("--split", choices=("random", "time"), default="random")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--split", choices=("random", "time"), default="random",
+                   help="random: 80/10/10 by row; time: by timestamp")
+    s.add_argument("--seed", type=int, default=0, help="seed of the random split (default %(default)s)")
     s.add_argument("--variant", choices=("gender", "entities"), default="gender",
                    help="gender: male→female users; entities: catalogue→new-release movies (MKT)")
     s.set_defaults(func=cmd_movielens)
 
-    s = sub.add_parser("validate", help="check a dataset against its specs and summarise it")
-    s.add_argument("dir")
+    s = sub.add_parser("validate", help="check a dataset against its specs and summarise it (nulls, cardinality, "
+                                        "OOV shares); with --config, also that the method finds its domains")
+    s.add_argument("dir", nargs="?", default=None, help="dataset directory (default: the config's data)")
+    s.add_argument("--config", default=None, help="experiment YAML: its roles map the domains, its method's stages "
+                                                  "are checked against them")
+    s.add_argument("--variant", default=None, help="the config's variant")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. roles.target=game")
+    s.add_argument("--max-oov", type=float, default=MAX_OOV,
+                   help="fail when more than this share of a field's ids read the OOV row (default %(default)s)")
+    s.add_argument("--ray", action="store_true", help=f"scan on Ray (one task per file) even below "
+                                                      f"{RAY_VALIDATE_BYTES >> 20} MB (always on a cluster)")
     s.set_defaults(func=cmd_validate)
 
+    s = sub.add_parser("spec", help="feature-spec tools")
+    spec_sub = s.add_subparsers(dest="spec_command", required=True)
+    s = spec_sub.add_parser("infer", help="write DIR/<domain>.spec.yaml and DIR/dataset.yaml from the Parquet under "
+                                          "DIR/<domain>/{train,valid,test}/ (table sizes, shared tables, 0-based ids)")
+    s.add_argument("dir", help="a directory with one sub-directory per domain")
+    s.add_argument("--label", default="label", help="the label column (default %(default)s)")
+    s.add_argument("--user-id", default="user_id", help="the user column GAUC groups by ('' for none)")
+    s.add_argument("--time", default=None, help="the time column (default: one named ts, time or timestamp)")
+    s.add_argument("--exclude", nargs="+", default=None, help="columns that are not features (e.g. a raw rating)")
+    s.add_argument("--dense", nargs="+", default=None, help="int columns to read as dense values, not ids")
+    s.add_argument("--dim", type=int, default=16, help="embedding dim of every table (default %(default)s)")
+    s.add_argument("--max-len", type=int, default=20, help="longest sequence kept (default %(default)s)")
+    s.add_argument("--vocab-max", type=int, default=64,
+                   help="string columns with at most this many values get a vocab, others are hashed")
+    s.add_argument("--force", action="store_true", help="overwrite existing specs and dataset.yaml")
+    s.set_defaults(func=cmd_spec_infer)
+
+    s = sub.add_parser("negatives", help="click-only logs: k sampled negatives per positive, in its split")
+    s.add_argument("dir", help="Parquet under DIR/<domain>/{train,valid,test}/, positives only")
+    s.add_argument("--out", required=True, help="a new directory, same layout, with a label column")
+    s.add_argument("--user", default="user_id", help="user column (default %(default)s)")
+    s.add_argument("--item", default="item_id", help="item column (default %(default)s)")
+    s.add_argument("--item-columns", nargs="+", default=None,
+                   help="item-side columns a negative takes from its sampled item (e.g. a category)")
+    s.add_argument("--k", type=int, default=4, help="negatives per positive (default %(default)s)")
+    s.add_argument("--sampling", choices=("uniform", "popularity"), default="uniform",
+                   help="uniform over the domain's items, or weighted by their train clicks")
+    s.add_argument("--label", default="label", help="the label column written (default %(default)s)")
+    s.add_argument("--seed", type=int, default=0, help="same seed, same output, whatever the parallelism")
+    s.add_argument("--domains", nargs="+", default=None, help="only these domains (default: every one)")
+    s.add_argument("--parallelism", type=int, default=0, help="max concurrent Ray tasks (0 = all, 1 = no Ray)")
+    s.set_defaults(func=cmd_negatives)
+
     s = sub.add_parser("ingest", help="stream a dataset through Ray Train workers")
-    s.add_argument("dir")
-    s.add_argument("--split", default="train")
-    s.add_argument("--workers", type=int, default=2)
-    s.add_argument("--batch-size", type=int, default=4096)
+    s.add_argument("dir", help="dataset directory")
+    s.add_argument("--split", default="train", help="split to stream (default %(default)s)")
+    s.add_argument("--workers", type=int, default=2, help="Train workers (default %(default)s)")
+    s.add_argument("--batch-size", type=int, default=4096, help="rows per batch per worker (default %(default)s)")
     s.set_defaults(func=cmd_ingest)
 
     def with_config(s: argparse.ArgumentParser) -> None:
         s.add_argument("--config", required=True, help="experiment YAML (base: + variants:)")
-        s.add_argument("--variant", default=None)
+        s.add_argument("--variant", default=None, help="a variant of the config (its variants: block)")
         s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.lr=0.01")
 
     s = sub.add_parser("run", help="run a method's stages (skipping finished ones)")
@@ -271,15 +362,16 @@ def build_parser() -> argparse.ArgumentParser:
                                         "A-CTR daily) and print the artifact timeline")
     with_config(s)
     s.add_argument("--start", required=True, metavar="YYYY-MM-DD", help="the first day (every job runs on it)")
-    s.add_argument("--days", type=int, default=90)
-    s.add_argument("--out", default="runs/schedule")
+    s.add_argument("--days", type=int, default=90, help="days to run (default %(default)s)")
+    s.add_argument("--out", default="runs/schedule", help="where the timeline and results go")
     s.set_defaults(func=cmd_schedule)
 
     s = sub.add_parser("compare", help="several methods over several seeds → leaderboard")
     with_config(s)
     s.add_argument("--methods", nargs="+", required=True, help="METHOD or METHOD:key=value,...")
-    s.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    s.add_argument("--out", default="runs/leaderboard")
+    s.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
+                   help="seeds each method runs with (default %(default)s)")
+    s.add_argument("--out", default="runs/leaderboard", help="leaderboard directory")
     s.add_argument("--reference", default=None,
                    help="the entry every other is paired against (t-test over seeds); default the first")
     s.set_defaults(func=cmd_compare)
@@ -287,14 +379,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("tune", help="Ray Tune search (ASHA on target-validation AUC)")
     with_config(s)
     s.add_argument("--space", default=None, help="search-space YAML (default: the method's built-in space)")
-    s.add_argument("--samples", type=int, default=8)
-    s.add_argument("--max-concurrent", type=int, default=2)
-    s.add_argument("--out", default="runs/tune")
+    s.add_argument("--samples", type=int, default=8, help="trials (default %(default)s)")
+    s.add_argument("--max-concurrent", type=int, default=2, help="trials at once (default %(default)s)")
+    s.add_argument("--out", default="runs/tune", help="Tune results directory")
     s.set_defaults(func=cmd_tune)
 
     s = sub.add_parser("probe", help="CDAnet §5.3: the k nearest other-domain rows of translated latent features")
     with_config(s)
-    s.add_argument("--k", type=int, default=5)
+    s.add_argument("--k", type=int, default=5, help="neighbours per query row (default %(default)s)")
     s.add_argument("--rows", type=int, default=20, help="query rows of the served domain (a seeded sample)")
     s.add_argument("--pool", type=int, default=20_000, help="rows of the other domain's train split to search")
     s.add_argument("--split", default="test", help="split the query rows come from")
@@ -302,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--columns", nargs="+", default=None, help="Parquet columns to show (default: ids, title)")
     s.add_argument("--metric", choices=("euclidean", "cosine", "centered"), default="euclidean",
                    help="centered: cosine after removing each set's mean")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="seed of the query-row sample")
     s.add_argument("--untranslated", action="store_true", help="search with z itself (the control for W z)")
     s.add_argument("--show", type=int, default=5, help="query rows printed (all go to --out)")
     s.add_argument("--out", default=None, help="CSV of every query row's neighbours")
@@ -317,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("predict", help="score Parquet with a serving package on Ray Data")
-    s.add_argument("--package", required=True)
+    s.add_argument("--package", required=True, help="a package written by raytrain-ctr export")
     s.add_argument("--input", nargs="+", required=True, help="Parquet files or directories")
     s.add_argument("--out", required=True, help="a new directory: Parquet with file, row, the carried columns, pctr")
     s.add_argument("--workers", type=int, default=2, help="actors, each holding the package once")
@@ -327,10 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("demo", help="the README's main job: MovieLens-100K leaderboard (baselines, SpotTune, AutoFT)")
-    s.add_argument("--data", default="data/ml100k")
-    s.add_argument("--config", default="jobs/configs/movielens.yaml")
-    s.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    s.add_argument("--out", default="runs/leaderboard-ml100k")
+    s.add_argument("--data", default="data/ml100k", help="MovieLens-100K dataset directory (written if absent)")
+    s.add_argument("--config", default="jobs/configs/movielens.yaml", help="the experiment YAML")
+    s.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default %(default)s)")
+    s.add_argument("--out", default="runs/leaderboard-ml100k", help="leaderboard directory")
     s.set_defaults(func=cmd_demo)
     return p
 

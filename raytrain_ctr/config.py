@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from raytrain_ctr.data.dataset import ROLES, CTRDataset
 from raytrain_ctr.embedding import check_sparse_optimizer
 from raytrain_ctr.models.backbones import ModelConfig
 from raytrain_ctr.spec import SpecError, check_keys, checked
@@ -86,6 +87,7 @@ class ExperimentConfig:
     # time windows (relative to as_of) of stages that declare none: "train" for every train split, a stage's
     # name for its own, "eval" for the valid/test splits (E-CDCTR's baselines on the last month: train: [-1, 0])
     windows: dict[str, Window] = field(default_factory=dict)
+    roles: dict[str, str] = field(default_factory=dict)  # the data's domain playing each role: {source: video, ...}
 
     def __post_init__(self) -> None:
         if self.as_of is not None:
@@ -97,6 +99,14 @@ class ExperimentConfig:
         object.__setattr__(self, "windows", {str(k): Window.parse(v, f"windows.{k}")
                                              for k, v in dict(self.windows or {}).items()})
         check_sparse_optimizer(self.model.embedding_backend, self.train.sparse_optimizer)
+        if not isinstance(self.roles, dict) or not all(isinstance(v, str) for v in self.roles.values()):
+            raise SpecError(f"roles: a mapping of role to domain name, e.g. {{source: video, target: game}}, "
+                            f"got {self.roles!r}")
+        check_keys(self.roles, ROLES, "roles")
+
+    def dataset(self) -> CTRDataset:
+        """The data, its domains renamed to their roles."""
+        return CTRDataset.load(self.data, self.roles)
 
     @property
     def run_name(self) -> str:
@@ -147,7 +157,7 @@ def from_dict(raw: dict, where: str = "config") -> ExperimentConfig:
             data=str(raw["data"]), method=raw["method"], method_args=dict(raw.get("method_args") or {}),
             model=ModelConfig(**model), train=TrainConfig(**train),
             storage=str(raw.get("storage", "runs")), name=raw.get("name"), as_of=raw.get("as_of"),
-            windows=dict(raw.get("windows") or {}))
+            windows=dict(raw.get("windows") or {}), roles=dict(raw.get("roles") or {}))
     except TypeError as e:
         raise SpecError(f"{where}: {e}") from e
 

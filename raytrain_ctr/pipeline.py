@@ -134,7 +134,7 @@ def resolve_stages(cfg: ExperimentConfig, method: Method, dataset: CTRDataset | 
     the time windows resolved against ``as_of``, and each
     input's load rule and upstream artifact (``latest`` inputs: the catalog's answer as of the date)."""
     as_of, cat, out = as_of_date(cfg), catalog(cfg), {}
-    dataset = dataset or CTRDataset.load(cfg.data)
+    dataset = dataset or cfg.dataset()
     keys: dict[str, str] = {}
     for st in method.stages:
         tc = asdict(stage_train_config(cfg, st.overrides))
@@ -348,7 +348,7 @@ def run(cfg: ExperimentConfig, stage: str | None = None, force: bool = False,
     once the stages reading it have theirs, and not trained again while they do. ``callbacks`` go to the Ray Train
     ``RunConfig`` of the stages that run (Tune's report callback).
     """
-    dataset = CTRDataset.load(cfg.data)
+    dataset = cfg.dataset()
     method = get_method(cfg.method, cfg.method_args)
     stages = method.stages if stage is None else method.job(stage)
     for st in stages:

@@ -73,7 +73,7 @@ def probe(cfg: ExperimentConfig, k: int = 5, rows: int = 20, pool: int = 20_000,
     if fs.get_file_info(path).type != pafs.FileType.File:
         raise pipeline.PipelineError(f"probe: no translation network at {path}; run `raytrain-ctr run --config ... "
                                      f"--stage translation` with the same config first")
-    ds = CTRDataset.load(cfg.data)
+    ds = cfg.dataset()
     specs = {d: ds.domain(d).spec for d in ds.domains}
     model = stage.hooks.build(StageContext(stage, specs, replace(cfg.model, embedding_backend="local"), method.args))
     with fs.open_input_file(path) as f:

@@ -20,7 +20,6 @@ import yaml
 
 from raytrain_ctr import pipeline
 from raytrain_ctr.config import ExperimentConfig
-from raytrain_ctr.data.dataset import CTRDataset
 from raytrain_ctr.methods import get_method
 from raytrain_ctr.spec import SpecError
 
@@ -110,7 +109,7 @@ def tune_method(cfg: ExperimentConfig, space: dict[str, Any], num_samples: int, 
 
     for key in space:  # fail before any trial on a key the config does not have
         cfg.with_overrides({key: _sample_value(space[key])})
-    CTRDataset.load(cfg.data)
+    cfg.dataset()
     # trials run in their own working directories: relative local paths must not reach them
     cfg = cfg.with_overrides({k: str(Path(v).absolute()) for k, v in (("data", cfg.data), ("storage", cfg.storage))
                               if "://" not in v})

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.multiprocessing as mp
+import yaml
 
 from raytrain_ctr.data.dataset import CTRDataset
 from raytrain_ctr.data.encode import Batch, FeatureEncoder
@@ -19,6 +20,23 @@ def load(ds: CTRDataset, domain: str, split: str) -> Batch:
     """A whole split of a domain as one batch."""
     return FeatureEncoder(ds.domain(domain).spec).encode(
         pa.concat_tables([pq.read_table(f) for f in ds.files(domain, split)]))
+
+
+def rename_domains(root: str, names: dict[str, str]) -> dict[str, str]:
+    """Rename a dataset's domains on disk (directories, spec files and their ``domain``, dataset.yaml) as a user's
+    data would name them; returns the config ``roles`` that map them back ({role: new name})."""
+    base = Path(root)
+    meta = yaml.safe_load((base / "dataset.yaml").read_text())
+    domains = {}
+    for old, entry in meta["domains"].items():
+        new = names.get(old, old)
+        spec = yaml.safe_load((base / entry["spec"]).read_text())
+        (base / entry["spec"]).unlink()
+        (base / f"{new}.spec.yaml").write_text(yaml.safe_dump({**spec, "domain": new}, sort_keys=False))
+        (base / entry["path"]).rename(base / new)
+        domains[new] = {**entry, "spec": f"{new}.spec.yaml", "path": new}
+    (base / "dataset.yaml").write_text(yaml.safe_dump({**meta, "domains": domains}, sort_keys=False))
+    return {old: new for old, new in names.items()}
 
 
 def local_test_metrics(data: str, model_cfg: ModelConfig, artifact: str) -> tuple[dict, int]:

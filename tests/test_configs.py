@@ -7,8 +7,8 @@ import pytest
 import yaml
 
 from raytrain_ctr import pipeline
-from raytrain_ctr.config import load_config
-from raytrain_ctr.data.dataset import CTRDataset
+from raytrain_ctr.config import from_dict, load_config, replace
+from raytrain_ctr.data.dataset import CTRDataset, DataError
 from raytrain_ctr.methods import get_method
 from raytrain_ctr.spec import SpecError
 from raytrain_ctr.tune import SPACES, _sample_value, load_space
@@ -78,3 +78,60 @@ def test_more_workers_than_a_local_ray_has_cpus_stop_before_any_worker(tiny_data
     with pytest.raises(SpecError, match="train.workers: 64 workers need 64 CPUs and the Ray cluster has"):
         pipeline.run(cfg)
     assert not (tmp_path / "stages").exists()
+
+
+def test_roles_map_any_domain_names_to_the_methods_roles(tmp_path, tiny_data):
+    """A config's roles rename the data's domains (video, game) to the ones the methods read; every stage of every
+    method then finds its domains and builds; without roles the error says how to map them."""
+    import shutil
+
+    from helpers import rename_domains
+
+    from raytrain_ctr.methods import METHODS, get_method
+    from raytrain_ctr.pipeline import check_stage_inputs
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    roles = rename_domains(str(data), {"source": "video", "target": "game"})
+    cfg = from_dict({"data": str(data), "method": "finetune", "roles": roles, "as_of": "2025-06-01"})
+    ds = cfg.dataset()
+    assert sorted(ds.domains) == ["source", "target"] and ds.domain("target").named == "game"
+    assert ds.domain("target").spec.domain == "target" and ds.domain("target").path.endswith("/game")
+    for name in METHODS:
+        method = get_method(name)
+        for stage in method.stages:
+            check_stage_inputs(cfg, ds, method, stage)
+    assert ds.version() != CTRDataset.load(str(data), {"source": "game", "target": "video"}).version()
+    with pytest.raises(DataError, match=r"no domain 'source' \(has \['game', 'video'\]\); .*roles: \{source: "):
+        pipeline.run(replace(cfg, roles={}))
+
+
+@pytest.mark.parametrize("roles, message", [
+    ({"target": "gmae"}, r"roles.target: the data at .* has no domain 'gmae' .*did you mean 'game'"),
+    ({"source": "game", "target": "game"}, "a domain plays one role"),
+    ({"targt": "game"}, "roles: unknown key 'targt'; did you mean 'target'"),
+    ({"source": "video"}, None),  # 'game' keeps its name: fine, as long as it is not a role's name
+])
+def test_bad_roles(roles, message, tmp_path, tiny_data):
+    import shutil
+
+    from helpers import rename_domains
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    rename_domains(str(data), {"source": "video", "target": "game"})
+    if message is None:
+        assert sorted(CTRDataset.load(str(data), roles).domains) == ["game", "source"]
+        return
+    with pytest.raises(SpecError, match=message):
+        from_dict({"data": str(data), "method": "finetune", "roles": roles}).dataset()
+
+
+def test_a_role_name_taken_by_another_domain(tmp_path, tiny_data):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    with pytest.raises(SpecError, match="the data has a domain 'target' and the roles give that name to domain "
+                                        "'source'"):
+        CTRDataset.load(str(data), {"target": "source"})

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import load
+from helpers import load, rename_domains
 
 from raytrain_ctr.config import TrainConfig
 from raytrain_ctr.data.dataset import CTRDataset
@@ -25,6 +25,7 @@ from raytrain_ctr.serving.package import write_package
 from raytrain_ctr.serving.program import export_program
 from raytrain_ctr.train.local import fit_local
 
+ROLES = {"source": "video", "target": "game"}  # the datasets' domains are named video and game
 MCFG = ModelConfig(backbone="dcn", deep=(32, 16), cross_layers=2)
 TC = TrainConfig(epochs=1, batch_size=256, lr=0.003, sparse_lr=0.05, sparse_optimizer="adagrad")
 ARGS = {"mkt": {"d_hfa": 8, "d_cke": 16, "tower": (8,), "tem_deep": (32, 16, 8), "attention_hidden": (8,)}}
@@ -47,6 +48,7 @@ def datasets(tmp_path_factory) -> dict[str, str]:
         out[preset] = str(tmp_path_factory.mktemp(preset) / "data")
         generate(out[preset], make_config(preset, rows=24_000, n_users=2_000, n_target_users=600, n_items=600,
                                           rows_per_shard=6_000), parallelism=1)
+        rename_domains(out[preset], ROLES)  # a user's names: every method reads them through the roles
     return out
 
 
@@ -56,7 +58,7 @@ def split_table(ds: CTRDataset, domain: str) -> pa.Table:
 
 def trained_package(data: str, name: str, out: Path) -> tuple[np.ndarray, pa.Table, Path]:
     """The method's served stage trained briefly in-process, its test predictions, the test rows and its package."""
-    ds = CTRDataset.load(data)
+    ds = CTRDataset.load(data, ROLES)
     specs = {d: ds.domain(d).spec for d in ds.domains}
     method = get_method(name, ARGS.get(name, {}))
     stage = method.stages[-1]
@@ -133,7 +135,7 @@ def mapped_files(ptr: int) -> set[str]:
 def test_tables_stay_memory_mapped_through_export_and_load(datasets, tmp_path):
     """Large tables: the exporting host maps the artifact's tables (no copy) and a serving host maps the
     package's table files: neither reads a whole table into its own memory."""
-    ds = CTRDataset.load(datasets["default"])
+    ds = CTRDataset.load(datasets["default"], ROLES)
     specs = {d: ds.domain(d).spec for d in ds.domains}
     method = get_method("target_only")
     stage = method.stages[-1]

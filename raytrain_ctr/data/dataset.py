@@ -14,14 +14,17 @@ Layout written by ``synth`` and ``movielens`` (and expected from users)::
     # or one Parquet dataset with a domain column for both:
     #   target: {spec: target.spec.yaml, path: all, where: {domain: target}}
 
-DIR may be a local path or a URI that pyarrow understands (``s3://``, ``gs://``).
+DIR may be a local path or a URI that pyarrow understands (``s3://``, ``gs://``). The domains may have any
+names: a config's ``roles: {source: video, target: game}`` says which plays the part the methods read
+(:meth:`CTRDataset.with_roles`).
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import posixpath
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 
 import pyarrow.fs as pafs
@@ -30,6 +33,7 @@ import yaml
 from raytrain_ctr.spec import DomainSpec, SpecError, check_keys, merge_tables
 
 SPLITS = ("train", "valid", "test")
+ROLES = ("source", "target")  # the domains the methods read
 _DOMAIN_KEYS = {"spec", "path", "where"}
 
 
@@ -62,6 +66,7 @@ class Domain:
     spec: DomainSpec
     path: str
     where: dict = field(default_factory=dict)
+    named: str | None = None  # its name in dataset.yaml, when a role renames it
 
     @property
     def columns(self) -> list[str]:
@@ -77,7 +82,8 @@ class CTRDataset:
     domains: dict[str, Domain]
 
     @classmethod
-    def load(cls, root: str) -> CTRDataset:
+    def load(cls, root: str, roles: dict[str, str] | None = None) -> CTRDataset:
+        """Read ``root/dataset.yaml`` and the specs it names; ``roles`` renames domains (:meth:`with_roles`)."""
         fs, base = resolve(root)
         meta_path = join(base, "dataset.yaml")
         try:
@@ -107,7 +113,33 @@ class CTRDataset:
                 raise SpecError(f"{spec_path}: spec says domain '{spec.domain}' but dataset.yaml lists it as '{name}'")
             domains[name] = Domain(name, spec, join(base, d["path"]), dict(d.get("where") or {}))
         merge_tables([d.spec for d in domains.values()])  # shared tables must agree
-        return cls(root if "://" in root else base, domains)
+        dataset = cls(root if "://" in root else base, domains)
+        return dataset.with_roles(roles) if roles else dataset
+
+    def with_roles(self, roles: dict[str, str]) -> CTRDataset:
+        """The dataset with the domains named in ``roles`` (role → domain, e.g. ``{source: video, target: game}``)
+        renamed to their roles, the names the methods read; other domains keep theirs."""
+        check_keys(roles, ROLES, "roles")
+        for role, name in roles.items():
+            if name not in self.domains:
+                near = difflib.get_close_matches(str(name), list(self.domains), n=1)
+                hint = f"; did you mean '{near[0]}'?" if near else ""
+                raise SpecError(f"roles.{role}: the data at {self.root} has no domain '{name}' (its domains: "
+                                f"{sorted(self.domains)}){hint}")
+        if len(set(roles.values())) < len(roles):
+            raise SpecError(f"roles: a domain plays one role, got {roles}")
+        renamed = {name: role for role, name in roles.items()}
+        domains = {}
+        for name, d in self.domains.items():
+            if name not in renamed:
+                if name in roles:
+                    raise SpecError(f"roles: the data has a domain '{name}' and the roles give that name to domain "
+                                    f"'{roles[name]}': map '{name}' to a role too")
+                domains[name] = d
+                continue
+            role = renamed[name]
+            domains[role] = replace(d, name=role, spec=replace(d.spec, domain=role), named=name)
+        return CTRDataset(self.root, domains)
 
     @cached_property
     def filesystem(self) -> pafs.FileSystem:
@@ -115,7 +147,9 @@ class CTRDataset:
 
     def domain(self, name: str) -> Domain:
         if name not in self.domains:
-            raise DataError(f"{self.root}: no domain '{name}' (has {sorted(self.domains)})")
+            hint = ("; name the data's domains after the roles, or map them in the config: roles: {source: "
+                    "DOMAIN, target: DOMAIN}" if name in ROLES else "")
+            raise DataError(f"{self.root}: no domain '{name}' (has {sorted(self.domains)}){hint}")
         return self.domains[name]
 
     def files(self, domain: str, split: str) -> list[str]:
@@ -171,12 +205,17 @@ class CTRDataset:
         h = hashlib.sha256()
         for name in sorted(self.domains):
             d = self.domains[name]
-            h.update(repr((name, asdict(d.spec), sorted(d.where.items()))).encode())
+            h.update(repr((name, asdict(d.spec), sorted(d.where.items()), *([d.named] if d.named else []))).encode())
             for path, size, mtime in self._listing[name]:
                 span = self._time_ranges[path] if within else None
                 if span is None or (span[0] < within[1] and span[1] >= within[0]):
                     h.update(repr((path[len(d.path):], size, mtime)).encode())
         return h.hexdigest()[:16]
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes on disk under the domains' paths."""
+        return sum(size for files in self._listing.values() for _, size, _ in files)
 
     @property
     def fingerprint(self) -> str:

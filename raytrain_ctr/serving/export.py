@@ -69,7 +69,7 @@ def export_package(cfg: ExperimentConfig, out: str | Path, stage: str | None = N
     from raytrain_ctr.pipeline import PipelineError, resolve_stages, stage_dir
     from raytrain_ctr.train.loop import METRICS_FILE, MODEL_FILE
 
-    dataset = CTRDataset.load(cfg.data)
+    dataset = cfg.dataset()
     method = get_method(cfg.method, cfg.method_args)
     st = method.stage(stage) if stage else method.stages[-1]
     key = resolve_stages(cfg, method, dataset)[st.name].key
