@@ -269,6 +269,8 @@ def run_stage(cfg: ExperimentConfig, method: Method, dataset: CTRDataset, stage:
         result = trainer.fit()
     except Exception as e:  # noqa: BLE001 - a worker's data or metrics error is the user's to fix: said plainly
         user = worker_error(e)
+        if isinstance(user, DataError):
+            raise locate(dataset, stage, user) from None
         if user is not None:
             raise user from None
         raise
@@ -281,6 +283,21 @@ def run_stage(cfg: ExperimentConfig, method: Method, dataset: CTRDataset, stage:
             if f.is_file():
                 pafs.copy_files(str(f), join(art, f.name), destination_filesystem=fs)
     return _read_json(fs, join(art, METRICS_FILE))
+
+
+def locate(dataset: CTRDataset, stage: Stage, error: DataError) -> DataError:
+    """A worker's data error (it names the domain, split and row in its batch) with the file and row in the file:
+    the first broken rule in the splits the stage reads, found by scanning their files here (on failure only)."""
+    from raytrain_ctr.data.validate import scan_file
+
+    reads = [(d, "train") for d in stage.train_domains] + [(stage.eval_domain, s) for s in ("valid", "test")]
+    for domain, split in reads:
+        dom = dataset.domain(domain)
+        for file in dataset.files(domain, split):
+            issues = scan_file(file, dom.spec, dom.where, dataset.filesystem).issues
+            if issues:
+                return DataError(f"{issues[0]} (a worker stopped at it: {error})")
+    return error
 
 
 def worker_error(error: BaseException) -> DataError | MetricsError | None:

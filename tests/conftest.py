@@ -31,6 +31,17 @@ def tiny_data(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def entities(tmp_path_factory) -> str:
+    """A small two-entity planted dataset (the 'entities' preset, scaled down: MKT's setting), written once."""
+    from raytrain_ctr.data.synth import generate, make_config
+
+    out = str(tmp_path_factory.mktemp("entities") / "data")
+    generate(out, make_config("entities", rows=24_000, n_users=2_000, n_target_users=600, n_items=600,
+                              rows_per_shard=6_000), parallelism=1)
+    return out
+
+
+@pytest.fixture(scope="session")
 def ml100k(tmp_path_factory) -> str:
     """MovieLens-100K from the recbole wheel (installed by the set-up command), random split."""
     from raytrain_ctr.data.movielens import prepare

@@ -30,17 +30,6 @@ TC = TrainConfig(lr=0.003, sparse_lr=0.05, sparse_optimizer="adagrad")
 SMALL = {"d_hfa": 8, "d_cke": 16, "tower": (8,), "tem_deep": (32, 16, 8), "attention_hidden": (8,)}
 
 
-@pytest.fixture(scope="module")
-def entities(tmp_path_factory) -> str:
-    """A small two-entity planted dataset (the 'entities' preset, scaled down)."""
-    from raytrain_ctr.data.synth import generate, make_config
-
-    out = str(tmp_path_factory.mktemp("entities") / "data")
-    generate(out, make_config("entities", rows=24_000, n_users=2_000, n_target_users=600, n_items=600,
-                              rows_per_shard=6_000), parallelism=1)
-    return out
-
-
 def specs_of(data: str) -> dict:
     ds = CTRDataset.load(data)
     return {d: ds.domain(d).spec for d in ds.domains}

@@ -175,7 +175,7 @@ def test_export_and_predict_on_ray_data_reproduce_the_stage(finetune_run, tiny_d
 
 def test_a_bad_value_in_a_streamed_split_stops_the_stage_by_name(tiny_data, ray_local, tmp_path):
     """Streamed through Ray Data (no driver-side cache), a label of 2 in the target's train split stops the
-    stage at the worker's first bad batch with the column, rule and domain, and nothing is cached."""
+    stage at the worker's first bad batch; the error names the file, row, column and rule, and nothing is cached."""
     import shutil
 
     data = str(tmp_path / "data")
@@ -187,6 +187,7 @@ def test_a_bad_value_in_a_streamed_split_stops_the_stage_by_name(tiny_data, ray_
     pq.write_table(table.set_column(table.schema.get_field_index("label"), "label",
                                     pa.array(labels, table.schema.field("label").type)), file)
     cfg = config(data, str(tmp_path / "runs"), "target_only", train={"epochs": 1, "cache_mb": 0, "max_failures": 0})
-    with pytest.raises(DataError, match=r"domain 'target', train split .*column 'label': label 2 outside \{0, 1\}"):
+    with pytest.raises(DataError, match=rf"{file}: column 'label': label 2 outside \{{0, 1\}} \(1 rows, the first at "
+                                        r"row 5\) \(a worker stopped at it: domain 'target', train split, a batch .*'label'"):
         pipeline.run(cfg)
     assert not list((tmp_path / "runs" / "stages").glob("*/model.pt"))

@@ -40,16 +40,18 @@ SERVES = {
 
 
 @pytest.fixture(scope="module")
-def datasets(tmp_path_factory) -> dict[str, str]:
+def datasets(tmp_path_factory, entities) -> dict[str, str]:
+    import shutil
+
     from raytrain_ctr.data.synth import generate, make_config
 
-    out = {}
-    for preset in ("default", "entities"):
-        out[preset] = str(tmp_path_factory.mktemp(preset) / "data")
-        generate(out[preset], make_config(preset, rows=24_000, n_users=2_000, n_target_users=600, n_items=600,
-                                          rows_per_shard=6_000), parallelism=1)
-        rename_domains(out[preset], ROLES)  # a user's names: every method reads them through the roles
-    return out
+    out = {"default": str(tmp_path_factory.mktemp("default") / "data"),
+           "entities": shutil.copytree(entities, tmp_path_factory.mktemp("entities") / "data")}
+    generate(out["default"], make_config("default", rows=24_000, n_users=2_000, n_target_users=600, n_items=600,
+                                         rows_per_shard=6_000), parallelism=1)
+    for root in out.values():
+        rename_domains(str(root), ROLES)  # a user's names: every method reads them through the roles
+    return {k: str(v) for k, v in out.items()}
 
 
 def split_table(ds: CTRDataset, domain: str) -> pa.Table:

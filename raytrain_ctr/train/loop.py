@@ -235,10 +235,9 @@ def train_stage(config: dict) -> None:
     optimizers = make_optimizers(model, tc, ctx)
     checkpointed = optimizers + [g.optimizer for g in ctx.groups.values()]
     sync = GradientSync(model, exclude=ctx.group_parameter_ids())
-    hint = "(`raytrain-ctr validate` names the file)"
-    encoders = {d: FeatureEncoder(specs[d], source=f"domain '{d}', an evaluation split {hint}") for d in specs}
-    train_encoders = {d: FeatureEncoder(specs[d], job.extra_columns.get(d, ()), f"domain '{d}', train split {hint}")
-                      for d in stage.train_domains}
+    encoders = {d: FeatureEncoder(specs[d], source=f"domain '{d}', an evaluation split") for d in specs}
+    train_encoders = {d: FeatureEncoder(specs[d], job.extra_columns.get(d, ()), f"domain '{d}', train split")
+                      for d in stage.train_domains}  # the driver adds the file and row (pipeline.locate)
     empties = {d: e.empty() for d, e in encoders.items()} if is_sharded(model) else None
     train_empties = {d: e.empty() for d, e in train_encoders.items()} if is_sharded(model) else None
 
