@@ -188,6 +188,6 @@ def test_a_bad_value_in_a_streamed_split_stops_the_stage_by_name(tiny_data, ray_
                                     pa.array(labels, table.schema.field("label").type)), file)
     cfg = config(data, str(tmp_path / "runs"), "target_only", train={"epochs": 1, "cache_mb": 0, "max_failures": 0})
     with pytest.raises(DataError, match=rf"{file}: column 'label': label 2 outside \{{0, 1\}} \(1 rows, the first at "
-                                        r"row 5\) \(a worker stopped at it: domain 'target', train split, a batch .*'label'"):
+                                        r"row 5\) \(a worker stopped at it: domain 'target', train split, a batch"):
         pipeline.run(cfg)
     assert not list((tmp_path / "runs" / "stages").glob("*/model.pt"))
