@@ -34,7 +34,7 @@ import torch
 from raytrain_ctr.catalog import Catalog
 from raytrain_ctr.config import ExperimentConfig
 from raytrain_ctr.data.dataset import CTRDataset, DataError, join, resolve
-from raytrain_ctr.data.ingest import ExactlyOnceDataConfig, TimeWindow, read_split, user_clicks
+from raytrain_ctr.data.ingest import CachedSplit, ExactlyOnceDataConfig, TimeWindow, read_split, user_clicks
 from raytrain_ctr.methods import METHODS, Method, Stage, StageContext, get_method
 from raytrain_ctr.runtime import check_workers
 from raytrain_ctr.spec import SpecError, check_keys
@@ -248,18 +248,19 @@ def run_stage(cfg: ExperimentConfig, method: Method, dataset: CTRDataset, stage:
     activity = None
     if tc.activity_buckets and dataset.domain(stage.eval_domain).spec.user_id:
         activity = Activity(*user_clicks(dataset, stage.eval_domain, train_window, cache), tc.activity_buckets)
+    cached = {k: v for k, v in splits.items() if isinstance(v, CachedSplit)}
     name = artifact_name(stage, resolved.key)
     storage = _storage(cfg, "_ray")
     run_name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}" if fresh else name
     job = StageJob(cfg=cfg, method=method, stage=stage, specs={d: dataset.domain(d).spec for d in dataset.domains},
                    batch_sizes=batch_sizes(dataset, stage.train_domains, tc.batch_size), inputs=inputs,
-                   extra_columns=extra, activity=activity,
+                   extra_columns=extra, activity=activity, cached=cached,
                    run_dir=str(Path(storage) / run_name) if "://" not in storage else tempfile.mkdtemp())
     trainer = TorchTrainer(
         train_stage,
         train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=tc.workers, use_gpu=False),
-        datasets=splits,
+        datasets={k: v for k, v in splits.items() if k not in cached},
         dataset_config=ExactlyOnceDataConfig(),
         run_config=RunConfig(name=run_name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=tc.max_failures),

@@ -1,8 +1,11 @@
 """Ray Data ingest: stream a domain's Parquet split into Ray Train workers as :class:`Batch` es.
 
 Driver side: :func:`read_split` builds a lazy ``ray.data.Dataset`` (schema checked
-against the spec first, never materialised). Worker side: :func:`iter_domain` turns
-the worker's shard into encoded batches, and :func:`joint` steps two domains together.
+against the spec first, never materialised), or, for a split small enough to cache, a
+:class:`CachedSplit` (one Arrow table in the object store that each worker slices: no
+Ray Data pipeline, whose split coordinators cost seconds to start per split and stage).
+Worker side: :func:`iter_domain` turns the worker's shard (a Ray Data iterator or its
+slice of a cached table) into encoded batches, and :func:`joint` steps two domains together.
 
 Splitting uses :class:`ExactlyOnceDataConfig`: Ray Train's default ``streaming_split(...,
 equal=True)`` may drop rows to even out the shards; here every row is seen exactly once
@@ -93,15 +96,31 @@ def small_split(dataset: CTRDataset, domain: str, split: str, window: TimeWindow
     return pa.concat_tables(tables)
 
 
+@dataclass(frozen=True)
+class CachedSplit:
+    """A split small enough to cache, read once on the driver and held in the object store as one Arrow
+    table; worker ``rank`` of ``world`` reads the rows ``[rank·n/world, (rank+1)·n/world)``: every row
+    exactly once per epoch, in the same order every run."""
+
+    ref: object  # ray.ObjectRef of the pa.Table
+    rows: int
+
+    def shard(self, rank: int, world: int) -> pa.Table:
+        import ray
+
+        start, end = rank * self.rows // world, (rank + 1) * self.rows // world
+        return ray.get(self.ref).slice(start, end - start)
+
+
 def read_split(dataset: CTRDataset, domain: str, split: str, window: TimeWindow | None = None,
                extra_columns: tuple[str, ...] = (), shuffle_files: bool = False, seed: int | None = None,
                min_blocks: int = 32, cache_below_bytes: int = 0):
-    """A Ray Dataset of one domain's split (optionally a time window of it).
+    """A Ray Dataset of one domain's split (optionally a time window of it), or a :class:`CachedSplit`.
 
     Lazy and streamed through ``read_parquet``, except that a split smaller than
     ``cache_below_bytes`` on disk is read once here with pyarrow and put in the object
-    store as ``min_blocks`` blocks: re-reading it every epoch, or even materialising it
-    through a Ray Data pipeline, costs more in start-up (seconds) than the read itself.
+    store: re-reading it every epoch, or even materialising it through a Ray Data
+    pipeline, costs more in start-up (seconds) than the read itself.
     """
     import ray
 
@@ -110,8 +129,7 @@ def read_split(dataset: CTRDataset, domain: str, split: str, window: TimeWindow 
     columns = dom.columns + [c for c in extra_columns if c not in dom.columns]
     table = small_split(dataset, domain, split, window, columns, cache_below_bytes)
     if table is not None:
-        step = max(1, -(-table.num_rows // min_blocks))
-        return ray.data.from_arrow([table.slice(i, step) for i in range(0, max(table.num_rows, 1), step)])
+        return CachedSplit(ray.put(table.combine_chunks()), table.num_rows)
     keep = _row_filter(dom, files, dataset, window)
     shuffle = None
     if shuffle_files:
@@ -147,7 +165,14 @@ class ExactlyOnceDataConfig(DataConfig):
 
 def iter_domain(shard, encoder: FeatureEncoder, batch_size: int, shuffle_buffer: int = 0,
                 seed: int | None = None, prefetch_batches: int = 2) -> Iterator[Batch]:
-    """Encoded batches from a worker's ``DataIterator`` (``ray.train.get_dataset_shard``)."""
+    """Encoded batches from a worker's ``DataIterator`` (``ray.train.get_dataset_shard``) or its slice of a
+    :class:`CachedSplit` (with ``shuffle_buffer``, the slice is permuted whole, seeded by ``seed``)."""
+    if isinstance(shard, pa.Table):
+        if shuffle_buffer:
+            shard = shard.take(np.random.default_rng(seed).permutation(shard.num_rows))
+        for start in range(0, shard.num_rows, batch_size):
+            yield encoder.encode(shard.slice(start, batch_size))
+        return
     kwargs = {}
     if shuffle_buffer:
         kwargs = {"local_shuffle_buffer_size": shuffle_buffer, "local_shuffle_seed": seed}

@@ -32,7 +32,7 @@ import torch
 from raytrain_ctr.batch import Batch
 from raytrain_ctr.config import ExperimentConfig, TrainConfig
 from raytrain_ctr.data.encode import FeatureEncoder
-from raytrain_ctr.data.ingest import iter_domain
+from raytrain_ctr.data.ingest import CachedSplit, iter_domain
 from raytrain_ctr.embedding import is_sharded, shard_model, sharded_parameter_ids, unsharded_state
 from raytrain_ctr.methods import Method, Stage, StageContext
 from raytrain_ctr.models.backbones import ModelConfig
@@ -215,6 +215,16 @@ class StageJob:
     run_dir: str
     extra_columns: dict[str, tuple[str, ...]] = field(default_factory=dict)  # per train domain: diagnostics
     activity: M.Activity | None = None  # the test metrics are also broken down by user activity
+    cached: dict[str, CachedSplit] = field(default_factory=dict)  # splits held whole, sliced by rank (no Ray Data)
+
+    def shards(self) -> dict[str, Any]:
+        """This worker's shard of every split: its slice of a cached table, else its Ray Data iterator."""
+        ctx = ray.train.get_context()
+        rank, world = ctx.get_world_rank(), ctx.get_world_size()
+        keys = {dataset_key(d, "train") for d in self.stage.train_domains}
+        keys |= {dataset_key(self.stage.eval_domain, s) for s in ("valid", "test")}
+        return {k: self.cached[k].shard(rank, world) if k in self.cached else ray.train.get_dataset_shard(k)
+                for k in keys}
 
     @property
     def train(self) -> TrainConfig:
@@ -260,9 +270,10 @@ def train_stage(config: dict) -> None:
     eval_domain = stage.eval_domain
     with_users = specs[eval_domain].user_id is not None
 
+    splits = job.shards()
+
     def eval_metrics(split: str, activity: M.Activity | None = None) -> dict[str, Any]:
-        batches = iter_domain(ray.train.get_dataset_shard(dataset_key(eval_domain, split)), encoders[eval_domain],
-                              max(batch_sizes.values()))
+        batches = iter_domain(splits[dataset_key(eval_domain, split)], encoders[eval_domain], max(batch_sizes.values()))
         average_statistics(model)
         return evaluate(model, ctx, batches, with_users, empties[eval_domain] if empties else None, activity,
                         f"{eval_domain} {split}")
@@ -271,7 +282,7 @@ def train_stage(config: dict) -> None:
         if best["bad"] >= tc.patience:
             break
         t0 = time.perf_counter()
-        its = {d: iter_domain(ray.train.get_dataset_shard(dataset_key(d, "train")), train_encoders[d], batch_sizes[d],
+        its = {d: iter_domain(splits[dataset_key(d, "train")], train_encoders[d], batch_sizes[d],
                               shuffle_buffer=tc.shuffle_buffer, seed=tc.seed + epoch)
                for d in stage.train_domains}
         loss_sum, rows, steps = 0.0, 0, 0
