@@ -54,7 +54,8 @@ class TrainConfig:
     patience: int = 2               # early stopping on target-validation AUC
     seed: int = 0
     workers: int = 1
-    shuffle_buffer: int = 0         # rows in each worker's local shuffle buffer (0 = stream order)
+    shuffle_buffer: int = 0         # rows in each worker's local shuffle buffer (0 = stream order); a cached
+    #                                 split's slice is permuted whole when it is > 0
     cache_mb: int = 256             # splits smaller than this on disk are cached in the object store
     max_failures: int = 1           # worker failures survived per stage (resume from last checkpoint)
     deterministic: bool = False     # keep block order (reproducible data order, slower)
