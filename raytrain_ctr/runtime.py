@@ -41,6 +41,36 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, extra_cpus
 _LOCAL: set[str] = set()  # the clusters init_ray started here (they cannot grow)
 
 
+def map_tasks(fn: Callable, calls: list[tuple], parallelism: int | None = None) -> list:
+    """``[fn(*args) for args in calls]``, as Ray tasks (one CPU each, at most ``parallelism`` running, the rest
+    cancelled on the first failure) when Ray runs and there are several calls, else in this process (also with
+    ``parallelism=1``). Each distinct argument object is put in the object store once (a domain's catalogue or
+    spec shared by its files' calls travels once)."""
+    import ray
+
+    if parallelism == 1 or len(calls) < 2 or not ray.is_initialized():
+        return [fn(*args) for args in calls]
+    task, refs = ray.remote(num_cpus=1)(fn), {}
+    for a in (a for call in calls for a in call):
+        if id(a) not in refs:
+            refs[id(a)] = ray.put(a)
+    args = [tuple(refs[id(a)] for a in call) for call in calls]
+    results: list = [None] * len(calls)
+    pending, running, limit = list(range(len(calls))), {}, parallelism or len(calls)
+    try:
+        while pending or running:
+            while pending and len(running) < limit:
+                i = pending.pop(0)
+                running[task.remote(*args[i])] = i
+            done, _ = ray.wait(list(running), num_returns=1)
+            results[running.pop(done[0])] = ray.get(done[0])
+    except BaseException:
+        for ref in running:
+            ray.cancel(ref)
+        raise
+    return results
+
+
 def check_workers(workers: int) -> None:
     """Before a stage starts: ``workers`` one-CPU Train workers must fit the cluster's CPUs, or the stage
     would wait for them forever. A local Ray cannot grow: there it is an error; a cluster's autoscaler

@@ -65,6 +65,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from raytrain_ctr.data.dataset import SPLITS, DataError, join, parquet_under, resolve
+from raytrain_ctr.runtime import map_tasks
 from raytrain_ctr.spec import DomainSpec, merge_tables
 
 TIME_NAMES = ("ts", "time", "timestamp")
@@ -231,16 +232,8 @@ def _scan_file(path: str, modes: dict[str, str], fs: pafs.FileSystem) -> tuple[d
 
 def _scan_all(tasks: list[tuple[str, dict[str, str]]], fs: pafs.FileSystem) -> dict[str, _Stat]:
     """Scan every file (a Ray task each when Ray runs) and merge per column; raise on the first broken rule."""
-    import ray
-
-    tasks = [(p, m) for p, m in tasks if m]
-    if ray.is_initialized() and len(tasks) > 1:
-        remote = ray.remote(num_cpus=1)(_scan_file)
-        results = ray.get([remote.remote(p, m, fs) for p, m in tasks])
-    else:
-        results = [_scan_file(p, m, fs) for p, m in tasks]
     merged: dict[str, _Stat] = {}
-    for stats, issues in results:
+    for stats, issues in map_tasks(_scan_file, [(p, m, fs) for p, m in tasks if m]):
         if issues:
             raise DataError(issues[0] + (f" (and {len(issues) - 1} more)" if len(issues) > 1 else ""))
         for name, st in stats.items():

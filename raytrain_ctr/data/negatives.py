@@ -48,6 +48,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raytrain_ctr.data.dataset import SPLITS, DataError, join, parquet_under, resolve
+from raytrain_ctr.runtime import map_tasks
 from raytrain_ctr.spec import SpecError
 
 SAMPLINGS = ("uniform", "popularity")
@@ -116,7 +117,7 @@ def sample_negatives(src: str, out: str, *, user: str = "user_id", item: str = "
                     rel = path[len(split_dir) + 1:]
                     jobs.append(_Job(name, split, rel, path, join(tmp, name, split, rel), in_fs, out_fs))
         out_fs.create_dir(tmp, recursive=True)
-        counts = _run(jobs, catalogues, cols, k, seed, parallelism)
+        counts = map_tasks(write_file, [(job, catalogues[job.domain], cols, k, seed) for job in jobs], parallelism)
         _refuse_existing(out_fs, out_base)
         out_fs.move(tmp, out_base)
     except BaseException:
@@ -280,30 +281,6 @@ def _encode(col: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
     """Codes (int64, first-occurrence order) and the distinct values."""
     enc = pc.dictionary_encode(col.combine_chunks())
     return enc.indices.to_numpy(zero_copy_only=False).astype(np.int64), enc.dictionary
-
-
-def _run(jobs: list[_Job], catalogues: dict[str, _Catalogue], cols: _Columns, k: int, seed: int,
-         parallelism: int | None) -> list[tuple[int, int]]:
-    import ray
-
-    if parallelism == 1 or not ray.is_initialized():
-        return [write_file(job, catalogues[job.domain], cols, k, seed) for job in jobs]
-    task = ray.remote(num_cpus=1)(write_file)
-    refs = {name: ray.put(cat) for name, cat in catalogues.items()}
-    results: list[tuple[int, int]] = [(0, 0)] * len(jobs)
-    pending, running, limit = list(range(len(jobs))), {}, parallelism or len(jobs)
-    try:
-        while pending or running:
-            while pending and len(running) < limit:
-                i = pending.pop(0)
-                running[task.remote(jobs[i], refs[jobs[i].domain], cols, k, seed)] = i
-            done, _ = ray.wait(list(running), num_returns=1)
-            results[running.pop(done[0])] = ray.get(done[0])
-    except BaseException:
-        for ref in running:
-            ray.cancel(ref)
-        raise
-    return results
 
 
 # ---- one file (a task) -------------------------------------------------------------------------

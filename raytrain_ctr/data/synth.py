@@ -43,6 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raytrain_ctr.data.dataset import join, resolve, write_dataset_yaml
+from raytrain_ctr.runtime import map_tasks
 from raytrain_ctr.spec import DomainSpec, SpecError
 from raytrain_ctr.windows import add_months
 
@@ -391,24 +392,12 @@ def generate(out: str, cfg: SynthConfig, parallelism: int | None = None) -> dict
 
     Without a running Ray (or with ``parallelism=1``) the shards are written in this process.
     """
-    import ray
     import yaml
 
     fs, base = resolve(out)
     fs.create_dir(base, recursive=True)
-    jobs = [(dom, s) for dom in ("source", "target") for s in range(num_shards(cfg, dom))]
-    if parallelism == 1 or not ray.is_initialized():
-        for dom, s in jobs:
-            write_shard(cfg, out, dom, s)
-    else:
-        task = ray.remote(num_cpus=1)(write_shard)
-        pending, refs, limit = list(jobs), [], parallelism or len(jobs)
-        while pending or refs:
-            while pending and len(refs) < limit:
-                dom, s = pending.pop(0)
-                refs.append(task.remote(cfg, out, dom, s))
-            done, refs = ray.wait(refs, num_returns=1)
-            ray.get(done)
+    map_tasks(write_shard, [(cfg, out, dom, s) for dom in ("source", "target") for s in range(num_shards(cfg, dom))],
+              parallelism)
     for dom in ("source", "target"):
         with fs.open_output_stream(join(base, f"{dom}.spec.yaml")) as f:
             f.write(make_spec(cfg, dom).to_yaml().encode())

@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raytrain_ctr.data.dataset import SPLITS, CTRDataset, DataError, Domain
+from raytrain_ctr.runtime import map_tasks
 from raytrain_ctr.spec import DomainSpec, FieldSpec
 
 MAX_ISSUES = 20
@@ -285,15 +286,6 @@ def scan_file(path: str, spec: DomainSpec, where: dict, filesystem=None) -> File
     return st
 
 
-def _scan_all(tasks: list[tuple[str, DomainSpec, dict]], filesystem) -> list[FileStats]:
-    import ray
-
-    if not ray.is_initialized() or len(tasks) < 2:
-        return [scan_file(p, s, w, filesystem) for p, s, w in tasks]
-    remote = ray.remote(num_cpus=1)(scan_file)
-    return ray.get([remote.remote(p, s, w, filesystem) for p, s, w in tasks])
-
-
 @dataclass
 class SplitSummary:
     domain: str
@@ -329,7 +321,7 @@ def validate(dataset: CTRDataset, splits: tuple[str, ...] = SPLITS, max_oov: flo
             files = dataset.files(name, split)
             check_schema(dom, files, dataset.filesystem)
             st = FileStats()
-            for s in _scan_all([(f, dom.spec, dom.where) for f in files], dataset.filesystem):
+            for s in map_tasks(scan_file, [(f, dom.spec, dom.where, dataset.filesystem) for f in files]):
                 st.merge(s)
             if st.rows == 0:
                 issues.append(f"{dom.path}/{split}: empty domain: domain '{name}' has no rows in split '{split}'")
