@@ -24,9 +24,8 @@ import torch
 
 from raytrain_ctr import pipeline
 from raytrain_ctr.config import ExperimentConfig
-from raytrain_ctr.data.dataset import CTRDataset, join, resolve
+from raytrain_ctr.data.dataset import CTRDataset, filter_rows, join, resolve
 from raytrain_ctr.data.encode import FeatureEncoder
-from raytrain_ctr.data.ingest import filter_rows
 from raytrain_ctr.methods import StageContext, get_method
 from raytrain_ctr.methods.cdanet import CDAnet, other, translated_neighbours
 from raytrain_ctr.spec import SpecError
@@ -40,7 +39,7 @@ def read_rows(ds: CTRDataset, domain: str, split: str, limit: int, positives: bo
     files = ds.files(domain, split)
     parts, rows = [], 0
     for i in np.random.default_rng(seed).permutation(len(files)):
-        part = filter_rows(pq.read_table(files[i], filesystem=ds.filesystem), dom.where, None, None, None)
+        part = filter_rows(pq.read_table(files[i], filesystem=ds.filesystem), dom.where)
         if positives:
             part = part.filter(pc.equal(part.column(dom.spec.label), 1))
         parts.append(part)

@@ -27,6 +27,8 @@ import posixpath
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import yaml
 
@@ -50,6 +52,20 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
 
 def join(root: str, *parts: str) -> str:
     return posixpath.join(root.rstrip("/"), *parts)
+
+
+def filter_rows(batch: pa.Table, where: dict, time_col: str | None = None, start: int | None = None,
+                end: int | None = None) -> pa.Table:
+    """The rows of ``batch`` a domain reads: its ``where`` columns equal their values, its time in ``[start, end)``."""
+    mask = None
+    conds = [pc.equal(batch.column(c), pa.scalar(v)) for c, v in where.items()]
+    if time_col and start is not None:
+        conds.append(pc.greater_equal(batch.column(time_col), start))
+    if time_col and end is not None:
+        conds.append(pc.less(batch.column(time_col), end))
+    for c in conds:
+        mask = c if mask is None else pc.and_(mask, c)
+    return batch if mask is None else batch.filter(mask)
 
 
 def parquet_under(fs: pafs.FileSystem, path: str) -> list[str]:

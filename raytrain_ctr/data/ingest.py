@@ -21,12 +21,11 @@ from itertools import zip_longest
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from ray.train import DataConfig
 
-from raytrain_ctr.data.dataset import CTRDataset, DataError
+from raytrain_ctr.data.dataset import CTRDataset, DataError, filter_rows
 from raytrain_ctr.data.encode import Batch, FeatureEncoder, user_key
 from raytrain_ctr.data.validate import check_schema, value_issues
 from raytrain_ctr.runtime import report
@@ -40,18 +39,6 @@ class TimeWindow:
 
     start: int | None = None
     end: int | None = None
-
-
-def filter_rows(batch: pa.Table, where: dict, time_col: str | None, start: int | None, end: int | None) -> pa.Table:
-    mask = None
-    conds = [pc.equal(batch.column(c), pa.scalar(v)) for c, v in where.items()]
-    if time_col and start is not None:
-        conds.append(pc.greater_equal(batch.column(time_col), start))
-    if time_col and end is not None:
-        conds.append(pc.less(batch.column(time_col), end))
-    for c in conds:
-        mask = c if mask is None else pc.and_(mask, c)
-    return batch if mask is None else batch.filter(mask)
 
 
 def on_disk_bytes(dataset: CTRDataset, files: list[str]) -> int:

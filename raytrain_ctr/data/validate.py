@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from raytrain_ctr.data.dataset import SPLITS, CTRDataset, DataError, Domain
+from raytrain_ctr.data.dataset import SPLITS, CTRDataset, DataError, Domain, filter_rows
 from raytrain_ctr.runtime import map_tasks
 from raytrain_ctr.spec import DomainSpec, FieldSpec
 
@@ -239,14 +239,6 @@ class FileStats:
         return self
 
 
-def _where_mask(table: pa.Table, where: dict) -> pa.Array | None:
-    mask = None
-    for col, value in where.items():
-        m = pc.equal(table.column(col), pa.scalar(value))
-        mask = m if mask is None else pc.and_(mask, m)
-    return mask
-
-
 def scan_file(path: str, spec: DomainSpec, where: dict, filesystem=None) -> FileStats:
     """Stream one file's row groups and check every value."""
     from raytrain_ctr.data.encode import to_rows  # the encoder's own mapping (encode imports this module)
@@ -255,9 +247,7 @@ def scan_file(path: str, spec: DomainSpec, where: dict, filesystem=None) -> File
     cols = spec.columns + [c for c in where if c not in spec.columns]
     pf = pq.ParquetFile(path, filesystem=filesystem)
     for rb in pf.iter_batches(batch_size=65_536, columns=cols):
-        t = pa.Table.from_batches([rb])
-        if where:
-            t = t.filter(_where_mask(t, where))
+        t = filter_rows(pa.Table.from_batches([rb]), where)
         base = st.rows
         st.rows += t.num_rows
         st.issues += [replace(i, row=base + i.row).message(path) for i in value_issues(t, spec)]

@@ -24,9 +24,8 @@ from torch import nn
 
 from raytrain_ctr.batch import Batch
 from raytrain_ctr.config import ExperimentConfig
-from raytrain_ctr.data.dataset import CTRDataset, DataError, join, resolve
+from raytrain_ctr.data.dataset import CTRDataset, DataError, filter_rows, join, resolve
 from raytrain_ctr.data.encode import FeatureEncoder
-from raytrain_ctr.data.ingest import filter_rows
 from raytrain_ctr.methods import Method, Stage, StageContext, get_method
 from raytrain_ctr.models.backbones import ModelConfig
 from raytrain_ctr.spec import DomainSpec
@@ -58,7 +57,7 @@ def example_batch(dataset: CTRDataset, domain: str, split: str = "test", rows: i
     dom = dataset.domain(domain)
     for file in dataset.files(domain, split):
         table = filter_rows(pq.read_table(file, columns=dom.columns + list(dom.where), filesystem=dataset.filesystem),
-                            dom.where, None, None, None)
+                            dom.where)
         if table.num_rows >= 2:
             return FeatureEncoder(dom.spec).encode(table.slice(0, rows))
     raise DataError(f"domain '{domain}': its {split} split has fewer than two rows to export the model with")

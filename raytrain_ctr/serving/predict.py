@@ -16,8 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raytrain_ctr.data.dataset import DataError, parquet_under, resolve
-from raytrain_ctr.data.ingest import ROW, filter_rows
+from raytrain_ctr.data.dataset import DataError, filter_rows, parquet_under, resolve
+from raytrain_ctr.data.ingest import ROW
 from raytrain_ctr.serving.package import Package, PackageError, load
 
 
@@ -75,7 +75,7 @@ class Scorer:
             with fs.open_input_file(path) as f:
                 table = pq.ParquetFile(f).read_row_group(int(index), columns=self.columns)
             rows = pa.array(np.arange(int(first), int(first) + table.num_rows, dtype=np.int64))
-            table = filter_rows(table.append_column(ROW, rows), self.where, None, None, None)
+            table = filter_rows(table.append_column(ROW, rows), self.where)
             cols = {"file": pa.array([str(file)] * table.num_rows, pa.string()), "row": table.column(ROW),
                     **{c: table.column(c) for c in self.carry},
                     "pctr": pa.array(self.package.predict(table), pa.float32())}
