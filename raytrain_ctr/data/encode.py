@@ -106,13 +106,15 @@ class FeatureEncoder:
             dense = np.zeros((data.num_rows, 0), dtype=np.float32)
         return cols, torch.from_numpy(dense)
 
-    def encode(self, data: pa.Table | pa.RecordBatch) -> Batch:
+    def encode(self, data: pa.Table | pa.RecordBatch, check: bool = True) -> Batch:
         """A labelled batch; the contract's value rules are checked first (a :class:`DataError` names the
-        source, column, rule and row: a bad value never trains)."""
+        source, column, rule and row: a bad value never trains), unless ``check=False`` says they were (a cached
+        split, checked whole on the driver)."""
         if isinstance(data, pa.RecordBatch):
             data = pa.Table.from_batches([data])
         spec = self.spec
-        check_values(data, spec, f"{self.source}, a batch of {data.num_rows} rows")
+        if check:
+            check_values(data, spec, f"{self.source}, a batch of {data.num_rows} rows")
         sparse, dense = self.features(data)
         label = data.column(spec.label).to_numpy().astype(np.float32)
         user = time = None
