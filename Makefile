@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q "ray[default,train,data,tune]==2.60.0" -e ".[test]"
+	$(BIN)/pip install -q "ray[default,train,data,tune]==2.60.0" -e ".[test,s3]"
 	$(BIN)/pip install -q torch==2.13.0 fbgemm-gpu-cpu==1.8.0 tensordict==0.15.3 torchmetrics==1.0.3 \
 		pyre-extensions tqdm
 	$(BIN)/pip install -q --no-deps torchrec==1.8.0

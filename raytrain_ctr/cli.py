@@ -22,12 +22,15 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
 
+from raytrain_ctr.artifacts import ArtifactError
 from raytrain_ctr.data.dataset import CTRDataset, DataError
 from raytrain_ctr.data.validate import MAX_OOV
+from raytrain_ctr.lease import LeaseError
 from raytrain_ctr.pipeline import PipelineError
 from raytrain_ctr.serving.package import PackageError
 from raytrain_ctr.spec import SpecError
@@ -152,7 +155,9 @@ def cmd_run(a: argparse.Namespace) -> None:
     if a.as_of:
         cfg = cfg.with_overrides({"as_of": a.as_of})
     init_ray()
-    results = pipeline.run(cfg, stage=a.stage, force=a.force)
+    results = pipeline.run(cfg, stage=a.stage, force=a.force, command=shlex.join(
+        ["raytrain-ctr", "run", "--config", a.config, *(["--variant", a.variant] if a.variant else []),
+         *(f"--set={s}" for s in a.set or []), *(["--as-of", a.as_of] if a.as_of else [])]))
     method = get_method(cfg.method, cfg.method_args)
     for name, r in results.items():
         if r.get("transient"):
@@ -431,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (SpecError, DataError, PipelineError, StateMismatchError, PackageError, MetricsError) as e:
+    except (SpecError, DataError, PipelineError, StateMismatchError, PackageError, MetricsError, ArtifactError,
+            LeaseError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

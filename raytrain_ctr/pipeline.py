@@ -31,10 +31,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
+from raytrain_ctr.artifacts import ArtifactError, commit, verify
 from raytrain_ctr.catalog import Catalog
 from raytrain_ctr.config import ExperimentConfig
 from raytrain_ctr.data.dataset import CTRDataset, DataError, join, resolve
 from raytrain_ctr.data.ingest import CachedSplit, ExactlyOnceDataConfig, TimeWindow, read_split, user_clicks
+from raytrain_ctr.lease import Lease, stage_lease
 from raytrain_ctr.methods import METHODS, Method, Stage, StageContext, get_method
 from raytrain_ctr.runtime import check_workers
 from raytrain_ctr.spec import SpecError, check_keys
@@ -138,7 +140,8 @@ def resolve_stages(cfg: ExperimentConfig, method: Method, dataset: CTRDataset | 
     keys: dict[str, str] = {}
     for st in method.stages:
         tc = asdict(stage_train_config(cfg, st.overrides))
-        for k in ("max_failures", "fail_once_at_epoch", "cache_mb"):  # do not change the result
+        # resources and testing aids, not the result: a stage resumes on another worker count (DCP reshards)
+        for k in ("max_failures", "fail_once_at_epoch", "cache_mb", "workers"):
             tc.pop(k)
         ident = {
             "data": cfg.data if "://" in cfg.data else str(Path(cfg.data).absolute()),
@@ -192,8 +195,16 @@ def stage_dir(cfg: ExperimentConfig, stage: Stage, keys: str | dict[str, str]) -
     return _storage(cfg, "stages", artifact_name(stage, keys))
 
 
-def local_inputs(cfg: ExperimentConfig, stage: Stage, resolved: Resolved) -> dict[str, str]:
-    """A local path of each input's model file (remote ones copied once); errors name the input."""
+def rebuild(cfg: ExperimentConfig, stage: str, command: str | None = None) -> str:
+    """The command that trains ``stage`` of ``cfg`` again from scratch (``command``: how this run was started)."""
+    return f"{command or f'raytrain-ctr run --config CONFIG (this run: {_storage(cfg, cfg.run_name)}/config.json)'}" \
+           f" --stage {stage} --force"
+
+
+def local_inputs(cfg: ExperimentConfig, stage: Stage, resolved: Resolved, command: str | None = None
+                 ) -> dict[str, str]:
+    """A local path of each input's model file (remote ones copied once), each verified against its artifact's
+    manifest first; errors name the input, the file and the command that rebuilds it."""
     fs, _ = resolve(_storage(cfg))
     paths: dict[str, str] = {}
     copies: dict[str, str] = {}
@@ -204,7 +215,7 @@ def local_inputs(cfg: ExperimentConfig, stage: Stage, resolved: Resolved) -> dic
                                 f"stage '{inp.stage}' valid as of {cfg.as_of or 'now'}, and the catalog at "
                                 f"{_storage(cfg, 'catalog')} has none; run that stage first")
         path = join(directory, MODEL_FILE)
-        if not _exists(fs, resolve(path)[1]):
+        if verify(*resolve(directory), rebuild(cfg, inp.stage, command), (MODEL_FILE,)) is None:
             raise PipelineError(f"stage '{stage.name}' of '{cfg.method}' needs the artifact of stage '{inp.stage}' "
                                 f"(input '{name}') at {path}; run that stage first")
         if not isinstance(fs, pafs.LocalFileSystem) and path not in copies:  # workers read a local copy
@@ -223,13 +234,15 @@ def diagnostic_columns(dataset: CTRDataset, domain: str, wanted: tuple[str, ...]
 
 
 def run_stage(cfg: ExperimentConfig, method: Method, dataset: CTRDataset, stage: Stage, resolved: Resolved,
-              fresh: bool = False, callbacks: list | None = None) -> dict:
-    """One ``TorchTrainer.fit``; resumes the stage's last Ray Train checkpoint unless ``fresh``."""
+              fresh: bool = False, callbacks: list | None = None, lease: Lease | None = None,
+              command: str | None = None) -> dict:
+    """One ``TorchTrainer.fit``, then the artifact's commit (its files, then its manifest); resumes the stage's
+    last Ray Train checkpoint unless ``fresh``. ``lease``: the stage's, checked before the commit."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     fs, _ = resolve(_storage(cfg))
-    inputs = local_inputs(cfg, stage, resolved)
+    inputs = local_inputs(cfg, stage, resolved, command)
     tc = stage_train_config(cfg, stage.overrides)
     from ray.data import DataContext
 
@@ -254,7 +267,7 @@ def run_stage(cfg: ExperimentConfig, method: Method, dataset: CTRDataset, stage:
     run_name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}" if fresh else name
     job = StageJob(cfg=cfg, method=method, stage=stage, specs={d: dataset.domain(d).spec for d in dataset.domains},
                    batch_sizes=batch_sizes(dataset, stage.train_domains, tc.batch_size), inputs=inputs,
-                   extra_columns=extra, activity=activity, cached=cached,
+                   extra_columns=extra, activity=activity, cached=cached, rebuild=rebuild(cfg, stage.name, command),
                    run_dir=str(Path(storage) / run_name) if "://" not in storage else tempfile.mkdtemp())
     trainer = TorchTrainer(
         train_stage,
@@ -278,11 +291,11 @@ def run_stage(cfg: ExperimentConfig, method: Method, dataset: CTRDataset, stage:
     if result.checkpoint is None or not (result.metrics or {}).get("final"):
         raise PipelineError(f"stage '{stage.name}' ended without its final report: {result.error}")
     art = resolve(stage_dir(cfg, stage, resolved.key))[1]
-    fs.create_dir(art, recursive=True)
+    if lease is not None:
+        lease.check()  # a run that lost its lease to another must not commit over it
     with result.checkpoint.as_directory() as d:  # model.pt, metrics.json and the method's own files
-        for f in sorted(Path(d).iterdir()):
-            if f.is_file():
-                pafs.copy_files(str(f), join(art, f.name), destination_filesystem=fs)
+        commit({f.name: f for f in Path(d).iterdir() if f.is_file()}, fs, art,
+               {"stage": stage.name, "method": cfg.method, "artifact": name, "config": cfg.to_dict()})
     return _read_json(fs, join(art, METRICS_FILE))
 
 
@@ -301,15 +314,15 @@ def locate(dataset: CTRDataset, stage: Stage, error: DataError) -> DataError:
     return error
 
 
-def worker_error(error: BaseException) -> DataError | MetricsError | None:
-    """The first worker's :class:`DataError` or :class:`MetricsError` behind a failed ``fit`` (Ray wraps it),
-    as that error with its message alone; None when the failure is something else."""
+def worker_error(error: BaseException) -> DataError | MetricsError | ArtifactError | None:
+    """The first worker's :class:`DataError`, :class:`MetricsError` or :class:`ArtifactError` behind a failed
+    ``fit`` (Ray wraps it), as that error with its message alone; None when the failure is something else."""
     for failure in getattr(error, "worker_failures", {}).values():
         seen: BaseException | None = failure
         for _ in range(8):  # Ray's wrappers are a few deep
             if seen is None:
                 break
-            for kind in (DataError, MetricsError):
+            for kind in (DataError, MetricsError, ArtifactError):
                 if isinstance(seen, kind):
                     cause = getattr(seen, "cause", None)
                     message = str(cause if isinstance(cause, kind) else seen).strip().splitlines()
@@ -318,8 +331,18 @@ def worker_error(error: BaseException) -> DataError | MetricsError | None:
     return None
 
 
-def _finished(fs: pafs.FileSystem, art: str) -> bool:
-    return _exists(fs, join(art, METRICS_FILE)) and _exists(fs, join(art, MODEL_FILE))
+def _finished(fs: pafs.FileSystem, art: str, rebuild_with: str = "its run with --force") -> bool:
+    """Whether the artifact at ``art`` was committed and every file still matches its manifest (an
+    :class:`~raytrain_ctr.artifacts.ArtifactError` naming the file and ``rebuild_with`` when one does not)."""
+    return verify(fs, art, rebuild_with, (MODEL_FILE, METRICS_FILE)) is not None
+
+
+def committed(cfg: ExperimentConfig, stage: Stage, key: str, command: str | None = None) -> str | None:
+    """The directory (path or URI) of the stage's artifact when it is committed and intact, else None; an
+    :class:`~raytrain_ctr.artifacts.ArtifactError` names a file that no longer matches its manifest."""
+    directory = stage_dir(cfg, stage, key)
+    fs, art = resolve(directory)
+    return directory if _finished(fs, art, rebuild(cfg, stage.name, command)) else None
 
 
 def _readers(stages: list[Stage], name: str) -> list[Stage]:
@@ -327,16 +350,15 @@ def _readers(stages: list[Stage], name: str) -> list[Stage]:
 
 
 def to_train(cfg: ExperimentConfig, method: Method, dataset: CTRDataset, stages: list[Stage], force: bool,
-             named: str | None = None) -> set[str]:
+             named: str | None = None, command: str | None = None) -> set[str]:
     """The stages of a run that will train, from the keys before it starts: those without an artifact
     (all with ``force``), except a ``transient`` one (unless it is the stage ``named``) that no stage
     reading it in this run trains. Decides the transient stages (whose readers read them as they are,
     not as the ``latest`` of the catalog); the others train whenever their artifact is missing."""
-    fs, _ = resolve(_storage(cfg))
     keys = resolve_stages(cfg, method, dataset)
     train: set[str] = set()
     for st in reversed(stages):
-        if not force and _finished(fs, resolve(stage_dir(cfg, st, keys[st.name].key))[1]):
+        if not force and committed(cfg, st, keys[st.name].key, command):
             continue
         readers = _readers(stages, st.name)
         if st.transient and st.name != named and readers and not any(r.name in train for r in readers):
@@ -353,13 +375,17 @@ def drop_transient(cfg: ExperimentConfig, method: Method, dataset: CTRDataset, s
         art = resolve(stage_dir(cfg, st, keys[st.name].key))[1]
         readers = _readers(method.stages, st.name)
         if st.transient and readers and fs.get_file_info(art).type == pafs.FileType.Directory and all(
-                _finished(fs, resolve(stage_dir(cfg, r, keys[r.name].key))[1]) for r in readers):
+                committed(cfg, r, keys[r.name].key) for r in readers):
             fs.delete_dir(art)
 
 
 def run(cfg: ExperimentConfig, stage: str | None = None, force: bool = False,
-        callbacks: list | None = None) -> dict[str, dict]:
+        callbacks: list | None = None, command: str | None = None) -> dict[str, dict]:
     """Run every stage of ``cfg.method``, or only ``stage``; finished stages are skipped unless ``force``.
+
+    A stage trains under its lease (:func:`~raytrain_ctr.lease.stage_lease`): a concurrent run of the same stage
+    waits, then finds the artifact committed and skips it. ``command``: how this run was started (errors about
+    a damaged artifact name the command that rebuilds it).
 
     Each finished stage is recorded in the artifact catalog under its ``as_of`` date (and the
     stage's older artifacts pruned to its ``keep_last``); a ``transient`` stage's artifact is deleted
@@ -377,19 +403,23 @@ def run(cfg: ExperimentConfig, stage: str | None = None, force: bool = False,
     with fs.open_output_stream(join(run_dir, "config.json")) as f:
         f.write(json.dumps(cfg.to_dict(), indent=2, default=str).encode())
     results, cat = {}, catalog(cfg)
-    train = to_train(cfg, method, dataset, stages, force, named=stage)
+    train = to_train(cfg, method, dataset, stages, force, named=stage, command=command)
     for st in stages:
         resolved = resolve_stages(cfg, method, dataset)[st.name]  # after the stages before it: `latest` inputs see them
         directory = stage_dir(cfg, st, resolved.key)
         art = resolve(directory)[1]
-        if force or (not _finished(fs, art) and (not st.transient or st.name in train)):
-            results[st.name] = run_stage(cfg, method, dataset, st, resolved, fresh=force, callbacks=callbacks)
-        elif _finished(fs, art):
-            log.info("stage %s: artifacts exist at %s, skipped", st.name, art)
-            results[st.name] = {**_read_json(fs, join(art, METRICS_FILE)), "skipped": True}
-        else:
-            log.info("stage %s: transient, and every stage reading it has its artifact: not trained", st.name)
-            results[st.name] = {"skipped": True, "transient": True}
+        done = not force and committed(cfg, st, resolved.key, command) is not None
+        if force or (not done and (not st.transient or st.name in train)):
+            with stage_lease(_storage(cfg), artifact_name(st, resolved.key)) as lease:
+                done = not force and committed(cfg, st, resolved.key, command) is not None  # another run's, meanwhile
+                if not done:
+                    results[st.name] = run_stage(cfg, method, dataset, st, resolved, fresh=force, callbacks=callbacks,
+                                                 lease=lease, command=command)
+        if st.name not in results:
+            log.info("stage %s: %s", st.name, f"artifact committed at {art}, skipped" if done else
+                     "transient, and every stage reading it has its artifact: not trained")
+            results[st.name] = ({**_read_json(fs, join(art, METRICS_FILE)), "skipped": True} if done else
+                                {"skipped": True, "transient": True})
         results[st.name]["artifact"] = art
         results[st.name]["inputs"] = dict(resolved.inputs)  # the upstream artifact each input read
         if st.transient:

@@ -18,7 +18,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
@@ -68,10 +67,12 @@ def probe(cfg: ExperimentConfig, k: int = 5, rows: int = 20, pool: int = 20_000,
     if not isinstance(method, CDAnet) or not method.args["translation"]:
         raise SpecError(f"probe: needs a CDAnet config with its translation network (method is '{cfg.method}')")
     stage = method.stage("translation")
-    fs, path = resolve(join(pipeline.stage_dir(cfg, stage, pipeline.stage_keys(cfg, method)), MODEL_FILE))
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        raise pipeline.PipelineError(f"probe: no translation network at {path}; run `raytrain-ctr run --config ... "
-                                     f"--stage translation` with the same config first")
+    key = pipeline.stage_keys(cfg, method)[stage.name]
+    directory = pipeline.committed(cfg, stage, key)  # verified against its manifest
+    if directory is None:
+        raise pipeline.PipelineError(f"probe: no translation network at {pipeline.stage_dir(cfg, stage, key)}; run "
+                                     f"`raytrain-ctr run --config ... --stage translation` with the same config first")
+    fs, path = resolve(join(directory, MODEL_FILE))
     ds = cfg.dataset()
     specs = {d: ds.domain(d).spec for d in ds.domains}
     model = stage.hooks.build(StageContext(stage, specs, replace(cfg.model, embedding_backend="local"), method.args))

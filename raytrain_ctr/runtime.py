@@ -14,7 +14,8 @@ from raytrain_ctr.spec import SpecError
 
 
 def init_ray(num_cpus: int | None = None, address: str | None = None, extra_cpus: int = 0) -> None:
-    """Join the cluster named by ``address``/``RAY_ADDRESS``, or start a local one.
+    """Join the cluster named by ``address``/``RAY_ADDRESS``, or start a new local one (never attach to a
+    cluster found on the machine without being told to).
 
     A local Ray gets more logical CPUs than cores (at least 4): training workers hold
     CPUs for their whole run, and Ray Data's read tasks must still be scheduled beside
@@ -33,7 +34,9 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, extra_cpus
         ray.init(address=address, log_to_driver=verbose)
         return
     cpus = (num_cpus or max(4, 2 * (os.cpu_count() or 2))) + extra_cpus
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=verbose,
+    # address="local": a new cluster, never one that `ray start` recorded in the temp dir (someone else's, on a
+    # shared machine, which would then refuse num_cpus)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=verbose,
              logging_level=logging.INFO if verbose else logging.WARNING)
     _LOCAL.add(ray.get_runtime_context().gcs_address)
 

@@ -65,19 +65,20 @@ def example_batch(dataset: CTRDataset, domain: str, split: str = "test", rows: i
 
 def export_package(cfg: ExperimentConfig, out: str | Path, stage: str | None = None) -> Path:
     """The package of the run's last stage (or ``stage``), written to ``out``; the stage must have finished."""
-    from raytrain_ctr.pipeline import PipelineError, resolve_stages, stage_dir
+    from raytrain_ctr.pipeline import PipelineError, committed, resolve_stages, stage_dir
     from raytrain_ctr.train.loop import METRICS_FILE, MODEL_FILE
 
     dataset = cfg.dataset()
     method = get_method(cfg.method, cfg.method_args)
     st = method.stage(stage) if stage else method.stages[-1]
     key = resolve_stages(cfg, method, dataset)[st.name].key
-    directory = stage_dir(cfg, st, key)
+    directory = committed(cfg, st, key)  # verified against its manifest
+    if directory is None:
+        raise PipelineError(f"stage '{st.name}' of '{cfg.method}' has no finished artifact at "
+                            f"{stage_dir(cfg, st, key)} (for this config, data and as_of); run it first: "
+                            f"raytrain-ctr run --config ...")
     fs, art = resolve(directory)
     files = {name: join(art, name) for name in (MODEL_FILE, METRICS_FILE)}
-    if any(fs.get_file_info(f).type.name != "File" for f in files.values()):
-        raise PipelineError(f"stage '{st.name}' of '{cfg.method}' has no finished artifact at {directory} "
-                            f"(for this config, data and as_of); run it first: raytrain-ctr run --config ...")
     with fs.open_input_stream(files[METRICS_FILE]) as f:
         metrics = json.loads(f.read())
     with tempfile.TemporaryDirectory(prefix="raytrain-ctr-export-") as tmp:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from raytrain_ctr.artifacts import ArtifactError, load_tensors
 from raytrain_ctr.embedding import is_sharded, sharded_collections
 
 STATE_FILE = "state.pt"
@@ -64,12 +65,18 @@ def load_sharded(model: nn.Module, directory: str | Path) -> dict:
     return template["best"]
 
 
-def restore(model: nn.Module, optimizers: list[torch.optim.Optimizer], directory: str | Path) -> dict:
+def restore(model: nn.Module, optimizers: list[torch.optim.Optimizer], directory: str | Path,
+            rebuild: str = "the stage's run with --force") -> dict:
     """Load an epoch checkpoint into the model and optimizers; returns ``state.pt``'s dict
-    (``best['state']`` filled in)."""
-    meta = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+    (``best['state']`` filled in). A damaged checkpoint is an :class:`~raytrain_ctr.artifacts.ArtifactError`
+    naming its file and ``rebuild`` (the command that trains the stage afresh)."""
+    meta = load_tensors(Path(directory) / STATE_FILE, rebuild)
     if is_sharded(model):
-        meta["best"]["state"] = load_sharded(model, directory)
+        try:
+            meta["best"]["state"] = load_sharded(model, directory)
+        except Exception as e:  # noqa: BLE001 - DCP's errors name neither the checkpoint nor a way out
+            raise ArtifactError(f"{Path(directory) / SHARDED_DIR}: cannot be loaded ({str(e).strip()[:200]}); "
+                                f"rebuild it: {rebuild}") from None
     else:
         model.load_state_dict(meta["model"])
     for opt, st in zip(optimizers, meta["optimizers"]):

@@ -29,6 +29,7 @@ import numpy as np
 import ray.train
 import torch
 
+from raytrain_ctr.artifacts import load_tensors
 from raytrain_ctr.batch import Batch
 from raytrain_ctr.config import ExperimentConfig, TrainConfig
 from raytrain_ctr.data.encode import FeatureEncoder
@@ -98,7 +99,7 @@ def build_stage_model(method: Method, stage: Stage, specs: dict[str, DomainSpec]
         raise SpecError(f"stage '{stage.name}' has no input(s) {unknown} (inputs: {sorted(stage.inputs)})")
     loaded: dict[str, dict[str, torch.Tensor]] = {}
     for path in dict.fromkeys(paths.values()):
-        loaded[path] = torch.load(path, map_location="cpu", weights_only=True)
+        loaded[path] = load_tensors(path, f"the run of the stage that wrote {path}")
     ctx = StageContext(stage, specs, model_cfg, method.args, {name: loaded[p] for name, p in paths.items()})
     hooks = stage.hooks
     model = hooks.build(ctx)
@@ -216,6 +217,7 @@ class StageJob:
     extra_columns: dict[str, tuple[str, ...]] = field(default_factory=dict)  # per train domain: diagnostics
     activity: M.Activity | None = None  # the test metrics are also broken down by user activity
     cached: dict[str, CachedSplit] = field(default_factory=dict)  # splits held whole, sliced by rank (no Ray Data)
+    rebuild: str = "the stage's run with --force"  # the command that trains the stage afresh (in errors)
 
     def shards(self) -> dict[str, Any]:
         """This worker's shard of every split: its slice of a cached table, else its Ray Data iterator."""
@@ -257,11 +259,11 @@ def train_stage(config: dict) -> None:
         with checkpoint.as_directory() as d:
             if (Path(d) / METRICS_FILE).exists():  # the stage had finished: report its files again
                 files = {f.name: json.loads(f.read_text()) if f.suffix == ".json" else
-                         torch.load(f, map_location="cpu", weights_only=True) if f.suffix == ".pt" else
+                         load_tensors(f, job.rebuild) if f.suffix == ".pt" else
                          f.read_bytes() for f in Path(d).iterdir() if f.is_file()}
                 report({k: v for k, v in files[METRICS_FILE].items() if k != "history"}, files)
                 return
-            saved = restore(model, checkpointed, d)
+            saved = restore(model, checkpointed, d, job.rebuild)
         start_epoch, best, history = saved["epoch"] + 1, saved["best"], saved["history"]
         ctx.step = int(saved.get("step", 0))
         resumed_from = start_epoch

@@ -57,7 +57,7 @@ def gauc(labels: np.ndarray, scores: np.ndarray, users: np.ndarray) -> tuple[flo
         n = b - a
         num += n * auc(y[a:b], s[a:b])
         den += n
-    return (num / den if den else float("nan")), int(mixed.sum())
+    return (float(num / den) if den else float("nan")), int(mixed.sum())
 
 
 class MetricsError(ValueError):

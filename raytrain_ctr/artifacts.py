@@ -1,0 +1,143 @@
+"""Stage artifacts that can be trusted: committed with a manifest, verified before they are used.
+
+A stage's files are copied into its directory first and its manifest (``manifest.json``: each file's
+size and SHA-256) is written last, in one atomic write (a temporary file renamed into place on a
+local disk, one PUT on an object store). So a directory without a manifest is unfinished whatever it
+holds — a crash during the commit leaves it unfinished, and the next run trains (or resumes) the
+stage — and a file that no longer matches its manifest (truncated, rewritten, bit-rotted) is an
+:class:`ArtifactError` naming the file and the command that rebuilds it, before a stage is skipped or
+an upstream artifact is loaded. Every ``torch.load`` of an artifact or checkpoint goes through
+:func:`load_tensors` (``weights_only=True``): a corrupt file is the same clear error, not a pickle
+traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from raytrain_ctr.data.dataset import join
+
+MANIFEST = "manifest.json"
+_CHUNK = 1 << 22
+
+
+class ArtifactError(RuntimeError):
+    """An artifact or checkpoint that cannot be used as it is: the message names the file and how to rebuild it."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a committed artifact holds: ``files`` maps each name to ``[size, sha256]``."""
+
+    files: dict[str, list]
+    created: float
+    info: dict[str, Any]
+
+
+def shown(fs: pafs.FileSystem, path: str) -> str:
+    """A path as the user wrote it: with its scheme on an object store (``s3://bucket/key``)."""
+    scheme = {"s3": "s3://", "gcs": "gs://", "hdfs": "hdfs://"}.get(fs.type_name, "")
+    return f"{scheme}{path}"
+
+
+def sha256_of(fs: pafs.FileSystem, path: str) -> tuple[int, str]:
+    """``(size, sha256)`` of a file, streamed."""
+    digest, size = hashlib.sha256(), 0
+    with fs.open_input_stream(path) as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` so that a reader sees the old file, no file, or the whole new one."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = f"{path}.tmp-{time.time_ns()}"
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, path)
+    else:  # an object store's PUT is atomic
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
+
+def commit(files: dict[str, str | Path], fs: pafs.FileSystem, directory: str, info: dict | None = None) -> Manifest:
+    """Copy local ``files`` (name → path) into ``directory`` on ``fs``, then write the manifest: the commit point."""
+    fs.create_dir(directory, recursive=True)
+    local = pafs.LocalFileSystem()
+    if fs.get_file_info(join(directory, MANIFEST)).type == pafs.FileType.File:
+        fs.delete_file(join(directory, MANIFEST))  # re-committing: unfinished until the new manifest is written
+    entries = {}
+    for name, src in sorted(files.items()):
+        entries[name] = list(sha256_of(local, str(src)))
+        pafs.copy_files(str(src), join(directory, name), destination_filesystem=fs)
+        _fault("commit")
+    manifest = Manifest(entries, time.time(), info or {})
+    write_atomic(fs, join(directory, MANIFEST), json.dumps(asdict(manifest), indent=1).encode())
+    return manifest
+
+
+def read_manifest(fs: pafs.FileSystem, directory: str) -> Manifest | None:
+    """The artifact's manifest, or None when it was never committed (or its commit did not finish)."""
+    path = join(directory, MANIFEST)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    try:
+        with fs.open_input_stream(path) as f:
+            return Manifest(**json.loads(f.read()))
+    except (ValueError, TypeError) as e:
+        raise ArtifactError(f"{shown(fs, path)}: not a manifest ({e})") from None
+
+
+def verify(fs: pafs.FileSystem, directory: str, rebuild: str, names: tuple[str, ...] = ()) -> Manifest | None:
+    """The manifest of a committed artifact whose every file (and every one of ``names``) matches it; None when it
+    was never committed. A file that is missing, of another size or another checksum is an :class:`ArtifactError`
+    naming it and ``rebuild`` (the command that makes it again)."""
+    manifest = read_manifest(fs, directory)
+    if manifest is None:
+        return None
+    missing = [n for n in names if n not in manifest.files]
+    if missing:
+        raise ArtifactError(f"{shown(fs, directory)}: committed without {missing}; rebuild it: {rebuild}")
+    infos = {i.base_name: i for i in fs.get_file_info(pafs.FileSelector(directory))}
+    for name, (size, digest) in manifest.files.items():
+        path = join(directory, name)
+        found = infos.get(name)
+        if found is None or found.type != pafs.FileType.File:
+            problem = "is missing"
+        elif found.size != size:
+            problem = f"has {found.size} bytes where its manifest says {size} (truncated or rewritten)"
+        elif sha256_of(fs, path)[1] != digest:
+            problem = "does not match its manifest's SHA-256 (changed after the commit)"
+        else:
+            continue
+        raise ArtifactError(f"{shown(fs, path)} {problem}; rebuild it: {rebuild}")
+    return manifest
+
+
+def load_tensors(path: str | Path, rebuild: str) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU; an unreadable file is an :class:`ArtifactError`
+    naming it and ``rebuild``."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - zip, pickle and unpickler errors alike: the file is unusable
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactError(f"{path}: cannot be loaded ({first}); rebuild it: {rebuild}") from None
+
+
+def _fault(point: str) -> None:
+    """Testing aid: ``RAYTRAIN_CTR_FAULT=POINT`` kills this process at ``point`` (a crash during a commit)."""
+    import os
+
+    if os.environ.get("RAYTRAIN_CTR_FAULT") == point:
+        os._exit(3)
