@@ -22,7 +22,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from raytrain_ctr.data.dataset import join
+from raytrain_ctr.data.dataset import join, resolve
 
 MANIFEST = "manifest.json"
 _CHUNK = 1 << 22
@@ -141,3 +141,47 @@ def _fault(point: str) -> None:
 
     if os.environ.get("RAYTRAIN_CTR_FAULT") == point:
         os._exit(3)
+
+
+@dataclass(frozen=True)
+class Listed:
+    """One stage of a storage, as ``raytrain-ctr runs`` shows it."""
+
+    artifact: str
+    state: str  # committed | damaged: … | unfinished (no manifest) | training or interrupted (N checkpoints)
+    metrics: dict[str, Any]
+    created: float | None
+    bytes: int
+
+
+def inventory(storage: str) -> list[Listed]:
+    """Every stage artifact under ``storage`` (``stages/``) and every stage trained there without one yet
+    (``_ray/``), each verified against its manifest, with its metrics; newest first."""
+    fs, root = resolve(storage)
+    found: list[Listed] = []
+
+    def children(path: str) -> list[pafs.FileInfo]:
+        return [i for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+                if i.type == pafs.FileType.Directory]
+
+    for info in children(join(root, "stages")):
+        try:
+            manifest = verify(fs, info.path, "raytrain-ctr run … --stage STAGE --force")
+            state = "committed" if manifest else "unfinished (no manifest)"
+        except ArtifactError as e:
+            manifest, state = None, f"damaged: {str(e).split('; rebuild')[0]}"
+        metrics: dict[str, Any] = {}
+        if manifest is not None:
+            with fs.open_input_stream(join(info.path, "metrics.json")) as f:
+                metrics = {k: v for k, v in json.loads(f.read()).items() if k != "history"}
+        size = sum(s for s, _ in manifest.files.values()) if manifest else 0
+        found.append(Listed(info.base_name, state, metrics, manifest.created if manifest else None, size))
+    listed = {x.artifact for x in found if x.state == "committed"}
+    for info in children(join(root, "_ray")):
+        name = info.base_name
+        if name in listed or any(name.startswith(f"{a}-") for a in listed):  # a --force run's, committed
+            continue
+        checkpoints = [c for c in children(info.path) if c.base_name.startswith("checkpoint")]
+        found.append(Listed(name, f"training or interrupted ({len(checkpoints)} checkpoints)", {},
+                            max((c.mtime.timestamp() for c in checkpoints if c.mtime), default=None), 0))
+    return sorted(found, key=lambda x: -(x.created or 0.0))

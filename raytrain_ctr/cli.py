@@ -187,6 +187,26 @@ def cmd_schedule(a: argparse.Namespace) -> None:
     print(f"timeline: {cadence.write(events, a.out)}/timeline.md")
 
 
+def cmd_runs(a: argparse.Namespace) -> None:
+    import datetime as dt
+
+    from raytrain_ctr.artifacts import inventory
+
+    rows = inventory(a.storage)
+    print("| artifact | state | created | MB | best epoch | valid AUC | test AUC | test GAUC |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        when = dt.datetime.fromtimestamp(r.created).strftime("%Y-%m-%d %H:%M") if r.created else ""
+        m = r.metrics
+        figures = [f"{m[k]:.4f}" if isinstance(m.get(k), float) else "" for k in ("valid_auc", "test_auc", "test_gauc")]
+        print(f"| {r.artifact} | {r.state} | {when} | {r.bytes / 2**20:.1f} | {m.get('best_epoch', '')} | "
+              f"{' | '.join(figures)} |")
+    if not rows:
+        print(f"(no stages under {a.storage})")
+    if any(r.state.startswith("damaged") for r in rows):
+        raise ArtifactError(f"{a.storage}: damaged artifacts (above); re-run their stages with --force")
+
+
 def cmd_compare(a: argparse.Namespace) -> None:
     from raytrain_ctr.compare import Entry, compare, markdown
     from raytrain_ctr.runtime import init_ray
@@ -370,6 +390,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--days", type=int, default=90, help="days to run (default %(default)s)")
     s.add_argument("--out", default="runs/schedule", help="where the timeline and results go")
     s.set_defaults(func=cmd_schedule)
+
+    s = sub.add_parser("runs", help="a storage's stage artifacts (verified against their manifests), with their "
+                                    "metrics, and the stages trained there without one yet")
+    s.add_argument("storage", nargs="?", default="runs", help="a config's storage: a path or a URI (default runs)")
+    s.set_defaults(func=cmd_runs)
 
     s = sub.add_parser("compare", help="several methods over several seeds → leaderboard")
     with_config(s)

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from raytrain_ctr.data.dataset import ROLES, CTRDataset
+from raytrain_ctr.data.dataset import ROLES, CTRDataset, join
 from raytrain_ctr.embedding import check_sparse_optimizer
 from raytrain_ctr.models.backbones import ModelConfig
 from raytrain_ctr.spec import SpecError, check_keys, checked
@@ -38,8 +38,12 @@ TRAIN_RULES: dict[str, tuple] = {
     "epochs": (int, 1), "batch_size": (int, 1), "lr": (float, 0, True), "sparse_lr": (float, 0, True, None, True),
     "sparse_eps": (float, 0, True), "weight_decay": (float, 0), "patience": (int, 1), "seed": (int, 0),
     "workers": (int, 1), "shuffle_buffer": (int, 0), "cache_mb": (int, 0), "max_failures": (int, 0),
-    "deterministic": (bool,), "fail_once_at_epoch": (int, 0, False, None, True),
+    "deterministic": (bool,), "fail_once_at_epoch": (int, 0, False, None, True), "tensorboard": (bool,),
+    "mlflow": (str, None, False, None, True), "progress": (bool,),
 }
+# settings that do not change a stage's result (resources, tracking, testing aids): left out of its key, so a
+# stage resumes on another worker count (DCP reshards its tables) and tracking can be switched on for a re-run
+NOT_IN_KEY = ("workers", "max_failures", "fail_once_at_epoch", "cache_mb", "tensorboard", "mlflow", "progress")
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,9 @@ class TrainConfig:
     fail_once_at_epoch: int | None = None  # testing aid: a worker dies once at this epoch's start
     activity_buckets: tuple[int, ...] = ()  # edges of user-activity buckets (clicks in the evaluated domain's
     #                                         train split) the test metrics are broken down by (MKT Table 3: [10, 30])
+    tensorboard: bool = True        # every epoch's metrics as TensorBoard events under STORAGE/tensorboard/
+    mlflow: str | None = None       # an MLflow tracking URI: every epoch's metrics to a run per stage
+    progress: bool = True           # a progress line per epoch on the driver (rows/s, valid AUC, ETA)
 
     def __post_init__(self) -> None:
         for name, rule in TRAIN_RULES.items():
@@ -129,6 +136,11 @@ class ExperimentConfig:
         for key, value in overrides.items():
             set_dotted(raw, key, value)
         return from_dict(raw)
+
+
+def storage_path(cfg: ExperimentConfig, *parts: str) -> str:
+    """A path under the config's storage: a URI, or an absolute local path."""
+    return join(cfg.storage, *parts) if "://" in cfg.storage else str(Path(cfg.storage).absolute().joinpath(*parts))
 
 
 _TOP = {f.name for f in fields(ExperimentConfig)}

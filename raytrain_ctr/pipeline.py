@@ -1,6 +1,7 @@
 """Run a method's stages: one ``TorchTrainer.fit`` per stage, artifacts between stages.
 
-Stage artifacts are content-addressed: ``STORAGE/stages/STAGE-KEY/{model.pt,metrics.json}``
+Stage artifacts are content-addressed: ``STORAGE/stages/STAGE-KEY/{model.pt,metrics.json,manifest.json}``
+(committed and verified by :mod:`raytrain_ctr.artifacts`; trained under a lease, :mod:`raytrain_ctr.lease`)
 (``plain-KEY`` for plain supervised stages)
 where KEY hashes everything that determines the result (data path and version: the specs and
 every file's name, size and modification time; domains, model and train configs, the method's
@@ -18,6 +19,7 @@ stage's ``latest`` input finds the newest upstream artifact valid as of its own 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -33,7 +35,7 @@ import torch
 
 from raytrain_ctr.artifacts import ArtifactError, commit, verify
 from raytrain_ctr.catalog import Catalog
-from raytrain_ctr.config import ExperimentConfig
+from raytrain_ctr.config import NOT_IN_KEY, ExperimentConfig, storage_path
 from raytrain_ctr.data.dataset import CTRDataset, DataError, join, resolve
 from raytrain_ctr.data.ingest import CachedSplit, ExactlyOnceDataConfig, TimeWindow, read_split, user_clicks
 from raytrain_ctr.lease import Lease, stage_lease
@@ -42,6 +44,7 @@ from raytrain_ctr.runtime import check_workers
 from raytrain_ctr.spec import SpecError, check_keys
 from raytrain_ctr.train.loop import METRICS_FILE, MODEL_FILE, StageJob, dataset_key, stage_train_config, train_stage
 from raytrain_ctr.train.metrics import Activity, MetricsError
+from raytrain_ctr.train.tracking import Progress
 from raytrain_ctr.windows import Window
 
 log = logging.getLogger(__name__)
@@ -126,7 +129,7 @@ def as_of_date(cfg: ExperimentConfig) -> dt.date | None:
 
 
 def catalog(cfg: ExperimentConfig) -> Catalog:
-    return Catalog(_storage(cfg, "catalog"))
+    return Catalog(storage_path(cfg, "catalog"))
 
 
 def resolve_stages(cfg: ExperimentConfig, method: Method, dataset: CTRDataset | None = None) -> dict[str, Resolved]:
@@ -140,8 +143,7 @@ def resolve_stages(cfg: ExperimentConfig, method: Method, dataset: CTRDataset | 
     keys: dict[str, str] = {}
     for st in method.stages:
         tc = asdict(stage_train_config(cfg, st.overrides))
-        # resources and testing aids, not the result: a stage resumes on another worker count (DCP reshards)
-        for k in ("max_failures", "fail_once_at_epoch", "cache_mb", "workers"):
+        for k in NOT_IN_KEY:
             tc.pop(k)
         ident = {
             "data": cfg.data if "://" in cfg.data else str(Path(cfg.data).absolute()),
@@ -185,27 +187,23 @@ def artifact_name(stage: Stage, key: str | dict[str, str]) -> str:
     return f"{'plain' if stage.plain else stage.name}-{key}"
 
 
-def _storage(cfg: ExperimentConfig, *parts: str) -> str:
-    return join(cfg.storage, *parts) if "://" in cfg.storage else str(Path(cfg.storage).absolute().joinpath(*parts))
-
-
 def stage_dir(cfg: ExperimentConfig, stage: Stage, keys: str | dict[str, str]) -> str:
     """Where a stage's artifact lives: ``STORAGE/stages/STAGE-KEY`` (a local path or a URI);
     ``keys``: the stage's key, or every stage's key by name."""
-    return _storage(cfg, "stages", artifact_name(stage, keys))
+    return storage_path(cfg, "stages", artifact_name(stage, keys))
 
 
 def rebuild(cfg: ExperimentConfig, stage: str, command: str | None = None) -> str:
     """The command that trains ``stage`` of ``cfg`` again from scratch (``command``: how this run was started)."""
-    return f"{command or f'raytrain-ctr run --config CONFIG (this run: {_storage(cfg, cfg.run_name)}/config.json)'}" \
-           f" --stage {stage} --force"
+    started = command or f"raytrain-ctr run --config CONFIG (this run's: {storage_path(cfg, cfg.run_name)}/config.json)"
+    return f"{started} --stage {stage} --force"
 
 
 def local_inputs(cfg: ExperimentConfig, stage: Stage, resolved: Resolved, command: str | None = None
                  ) -> dict[str, str]:
     """A local path of each input's model file (remote ones copied once), each verified against its artifact's
     manifest first; errors name the input, the file and the command that rebuilds it."""
-    fs, _ = resolve(_storage(cfg))
+    fs, _ = resolve(storage_path(cfg))
     paths: dict[str, str] = {}
     copies: dict[str, str] = {}
     for name, directory in resolved.inputs.items():
@@ -213,7 +211,7 @@ def local_inputs(cfg: ExperimentConfig, stage: Stage, resolved: Resolved, comman
         if directory is None:
             raise PipelineError(f"stage '{stage.name}' of '{cfg.method}': input '{name}' needs the latest artifact of "
                                 f"stage '{inp.stage}' valid as of {cfg.as_of or 'now'}, and the catalog at "
-                                f"{_storage(cfg, 'catalog')} has none; run that stage first")
+                                f"{storage_path(cfg, 'catalog')} has none; run that stage first")
         path = join(directory, MODEL_FILE)
         if verify(*resolve(directory), rebuild(cfg, inp.stage, command), (MODEL_FILE,)) is None:
             raise PipelineError(f"stage '{stage.name}' of '{cfg.method}' needs the artifact of stage '{inp.stage}' "
@@ -241,7 +239,7 @@ def run_stage(cfg: ExperimentConfig, method: Method, dataset: CTRDataset, stage:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    fs, _ = resolve(_storage(cfg))
+    fs, _ = resolve(storage_path(cfg))
     inputs = local_inputs(cfg, stage, resolved, command)
     tc = stage_train_config(cfg, stage.overrides)
     from ray.data import DataContext
@@ -263,11 +261,12 @@ def run_stage(cfg: ExperimentConfig, method: Method, dataset: CTRDataset, stage:
         activity = Activity(*user_clicks(dataset, stage.eval_domain, train_window, cache), tc.activity_buckets)
     cached = {k: v for k, v in splits.items() if isinstance(v, CachedSplit)}
     name = artifact_name(stage, resolved.key)
-    storage = _storage(cfg, "_ray")
+    storage = storage_path(cfg, "_ray")
     run_name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}" if fresh else name
     job = StageJob(cfg=cfg, method=method, stage=stage, specs={d: dataset.domain(d).spec for d in dataset.domains},
                    batch_sizes=batch_sizes(dataset, stage.train_domains, tc.batch_size), inputs=inputs,
                    extra_columns=extra, activity=activity, cached=cached, rebuild=rebuild(cfg, stage.name, command),
+                   artifact=name,
                    run_dir=str(Path(storage) / run_name) if "://" not in storage else tempfile.mkdtemp())
     trainer = TorchTrainer(
         train_stage,
@@ -280,7 +279,10 @@ def run_stage(cfg: ExperimentConfig, method: Method, dataset: CTRDataset, stage:
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks or []),
     )
     try:
-        result = trainer.fit()
+        with Progress(stage.name, tc.epochs) if tc.progress else contextlib.nullcontext() as progress:
+            if progress is not None:
+                trainer.run_config.callbacks.append(progress.callback())
+            result = trainer.fit()
     except Exception as e:  # noqa: BLE001 - a worker's data or metrics error is the user's to fix: said plainly
         user = worker_error(e)
         if isinstance(user, DataError):
@@ -369,7 +371,7 @@ def to_train(cfg: ExperimentConfig, method: Method, dataset: CTRDataset, stages:
 
 def drop_transient(cfg: ExperimentConfig, method: Method, dataset: CTRDataset, stages: list[Stage]) -> None:
     """Delete the artifacts of transient stages once every stage of the method reading them has its own."""
-    fs, _ = resolve(_storage(cfg))
+    fs, _ = resolve(storage_path(cfg))
     keys = resolve_stages(cfg, method, dataset)
     for st in stages:
         art = resolve(stage_dir(cfg, st, keys[st.name].key))[1]
@@ -398,7 +400,7 @@ def run(cfg: ExperimentConfig, stage: str | None = None, force: bool = False,
     for st in stages:
         check_stage_inputs(cfg, dataset, method, st)
     check_workers(max(stage_train_config(cfg, st.overrides).workers for st in stages))
-    fs, run_dir = resolve(_storage(cfg, cfg.run_name))
+    fs, run_dir = resolve(storage_path(cfg, cfg.run_name))
     fs.create_dir(run_dir, recursive=True)
     with fs.open_output_stream(join(run_dir, "config.json")) as f:
         f.write(json.dumps(cfg.to_dict(), indent=2, default=str).encode())
@@ -410,7 +412,7 @@ def run(cfg: ExperimentConfig, stage: str | None = None, force: bool = False,
         art = resolve(directory)[1]
         done = not force and committed(cfg, st, resolved.key, command) is not None
         if force or (not done and (not st.transient or st.name in train)):
-            with stage_lease(_storage(cfg), artifact_name(st, resolved.key)) as lease:
+            with stage_lease(storage_path(cfg), artifact_name(st, resolved.key)) as lease:
                 done = not force and committed(cfg, st, resolved.key, command) is not None  # another run's, meanwhile
                 if not done:
                     results[st.name] = run_stage(cfg, method, dataset, st, resolved, fresh=force, callbacks=callbacks,

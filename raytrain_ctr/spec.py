@@ -60,10 +60,14 @@ def check_keys(given: dict, allowed: set[str] | tuple[str, ...], where: str) -> 
 
 def checked(value: Any, key: str, kind: type, minimum: float | None = None, exclusive: bool = False,
             below: float | None = None, optional: bool = False) -> Any:
-    """A setting's ``value`` as ``kind`` (``int``, ``float`` or ``bool``) within its range, or a SpecError
+    """A setting's ``value`` as ``kind`` (``int``, ``float``, ``bool`` or ``str``) within its range, or a SpecError
     naming ``key`` and the rule. A float may be written as a string (YAML reads ``1e-3`` as one)."""
     if value is None and optional:
         return None
+    if kind is str:
+        if not isinstance(value, str) or not value.strip():
+            raise SpecError(f"{key}: expected a non-empty string, got {value!r}")
+        return value
     if kind is bool:
         if not isinstance(value, bool):
             raise SpecError(f"{key}: expected true or false, got {value!r}")

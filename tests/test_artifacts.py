@@ -160,3 +160,26 @@ def test_an_s3_lease_excludes_renews_and_is_taken_over_when_stale(bucket):
             lease.check()
     finally:
         lease.release()
+
+
+def test_every_load_is_safe_and_every_local_ray_hides_its_dashboard():
+    """Static rules over the package's source: tensors are loaded with ``weights_only=True``, YAML with
+    ``safe_load``, and a Ray started here runs no dashboard (a cluster's is bound to 127.0.0.1: test_cluster)."""
+    import ast
+
+    import raytrain_ctr
+
+    calls = []
+    for path in Path(raytrain_ctr.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                owner = node.func.value.id if isinstance(node.func.value, ast.Name) else None
+                calls.append((path.name, owner, node.func.attr, {k.arg: k.value for k in node.keywords}))
+    loads = [c for c in calls if c[1:3] == ("torch", "load")]
+    assert loads and all(isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True
+                         for *_, kw in loads), loads
+    assert not [c for c in calls if c[1] == "yaml" and c[2] in ("load", "unsafe_load", "full_load")]
+    inits = [kw for _, owner, attr, kw in calls if (owner, attr) == ("ray", "init")]
+    assert inits and all("address" in kw for kw in inits)  # never "whatever cluster the machine has"
+    local = [kw for kw in inits if isinstance(kw["address"], ast.Constant)]  # the others join a given address
+    assert local and all(kw["address"].value == "local" and kw["include_dashboard"].value is False for kw in local)

@@ -5,7 +5,9 @@ mid-stage on S3 storage (a real S3 server on loopback) and resubmitted."""
 import contextlib
 import json
 import os
+import re
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -17,6 +19,7 @@ import yaml
 
 from raytrain_ctr import pipeline
 from raytrain_ctr.artifacts import ArtifactError, read_manifest, verify
+from raytrain_ctr.cli import main
 from raytrain_ctr.config import from_dict
 from raytrain_ctr.data.dataset import resolve
 
@@ -48,17 +51,47 @@ def results(out: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def test_a_commit_crash_two_runs_at_once_and_damaged_files(tiny_data, tmp_path):
+def tensorboard_scalars(logdir: Path) -> dict[str, list[float]]:
+    """Every scalar in the TensorBoard event files under ``logdir``, by tag, in step order (TFRecord framing:
+    length, its CRC, the ``Event`` proto, its CRC)."""
+    from tensorboardX.proto import event_pb2
+
+    found: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(logdir.rglob("events.out.tfevents.*")):
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            (n,) = struct.unpack("<Q", data[at:at + 8])
+            event = event_pb2.Event.FromString(data[at + 12:at + 12 + n])
+            at += 12 + n + 4
+            for v in event.summary.value:
+                found.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return {tag: [v for _, v in sorted(points)] for tag, points in found.items()}
+
+
+def test_a_commit_crash_two_runs_at_once_and_damaged_files(tiny_data, tmp_path, capsys):
     """The driver dies while committing (after its first file): nothing is taken as finished. Then two runs of
     the same config start at once on the same storage: one commits the stage (from the finished Ray Train
     checkpoint: no retraining), the other waits for its lease and skips it. Then damaged files are named, with
     the command that rebuilds them, and that command works."""
     storage = tmp_path / "runs"
-    cfg_path = write_config(tmp_path / "c.yaml", tiny_data, str(storage), "target_only")
-    code, _, err = finish(cli("run", "--config", str(cfg_path), env={"RAYTRAIN_CTR_FAULT": "commit"}))
+    cfg_path = write_config(tmp_path / "c.yaml", tiny_data, str(storage), "target_only", epochs=2)
+    mlruns = tmp_path / "mlruns"
+    code, _, err = finish(cli("run", "--config", str(cfg_path), f"--set=train.mlflow=file://{mlruns}",
+                              env={"RAYTRAIN_CTR_FAULT": "commit", "MLFLOW_ALLOW_FILE_STORE": "true"}))
     assert code == 3, err
     (art,) = (storage / "stages").iterdir()
     assert (art / "metrics.json").exists() and read_manifest(*resolve(str(art))) is None  # half-written
+    history = json.loads((art / "metrics.json").read_text())["history"]
+    for epoch in (1, 2):  # the driver's progress line per epoch
+        assert re.search(rf"stage train epoch {epoch}/2: [\d,]+ rows/s, train loss [\d.]+, valid AUC "
+                         rf"{history[epoch - 1]['valid_auc']:.4f} \(best [\d.]+\), ETA", err), err
+    assert tensorboard_scalars(storage / "tensorboard" / art.name)["valid_auc"] == [
+        pytest.approx(h["valid_auc"]) for h in history]
+    (auc_file,) = mlruns.rglob("metrics/valid_auc")  # MLflow's file store: "time value step" per line
+    assert [float(line.split()[1]) for line in auc_file.read_text().splitlines()] == [
+        pytest.approx(h["valid_auc"]) for h in history]
+    assert main(["runs", str(storage)]) == 0
+    assert f"| {art.name} | unfinished (no manifest) |" in capsys.readouterr().out
 
     first, second = (cli("run", "--config", str(cfg_path)) for _ in range(2))
     (c1, o1, e1), (c2, o2, e2) = finish(first), finish(second)
@@ -75,6 +108,8 @@ def test_a_commit_crash_two_runs_at_once_and_damaged_files(tiny_data, tmp_path):
     (art / "model.pt").write_bytes((art / "model.pt").read_bytes()[:1000])  # truncated after the commit
     with pytest.raises(ArtifactError, match=rf"{art}/model.pt has 1000 bytes .* rebuild it: {rebuild}"):
         pipeline.run(cfg, command=f"raytrain-ctr run --config {cfg_path}")
+    assert main(["runs", str(storage)]) == 2
+    assert f"| {art.name} | damaged: {art}/model.pt has 1000 bytes" in capsys.readouterr().out
 
     damaged = sorted((storage / "_ray").rglob("model.pt")) + sorted((storage / "_ray").rglob("state.pt"))
     assert damaged
@@ -83,6 +118,9 @@ def test_a_commit_crash_two_runs_at_once_and_damaged_files(tiny_data, tmp_path):
     code, out, err = finish(cli("run", "--config", str(cfg_path), "--stage", "train", "--force"))
     assert code == 0, err  # the command named: a fresh Ray Train run, the damaged checkpoints unread
     assert not results(out)["train"].get("skipped") and verify(*resolve(str(art)), "rebuild")
+    assert main(["runs", str(storage)]) == 0
+    listed = capsys.readouterr().out
+    assert re.search(rf"\| {art.name} \| committed \| .* \| {results(out)['train']['test_auc']:.4f} \|", listed)
 
     (art / "manifest.json").unlink()  # unfinished again: the next run restores the damaged checkpoint
     code, _, err = finish(cli("run", "--config", str(cfg_path), "--set", "train.max_failures=0"))

@@ -44,6 +44,7 @@ from raytrain_ctr.train.checkpoint import STATE_FILE, restore, save_sharded, tra
 from raytrain_ctr.train.state import freeze, load_filtered, train_mode
 from raytrain_ctr.train.step import GroupOptimizer
 from raytrain_ctr.train.sync import GradientSync, all_reduce_sum, average_statistics, sparse_parameters, world_size
+from raytrain_ctr.train.tracking import trackers
 
 MODEL_FILE = "model.pt"
 METRICS_FILE = "metrics.json"
@@ -218,6 +219,7 @@ class StageJob:
     activity: M.Activity | None = None  # the test metrics are also broken down by user activity
     cached: dict[str, CachedSplit] = field(default_factory=dict)  # splits held whole, sliced by rank (no Ray Data)
     rebuild: str = "the stage's run with --force"  # the command that trains the stage afresh (in errors)
+    artifact: str = ""  # the stage's artifact name (its trackers' run name)
 
     def shards(self) -> dict[str, Any]:
         """This worker's shard of every split: its slice of a cached table, else its Ray Data iterator."""
@@ -273,6 +275,7 @@ def train_stage(config: dict) -> None:
     with_users = specs[eval_domain].user_id is not None
 
     splits = job.shards()
+    epoch_trackers = trackers(cfg, job.artifact or stage.name, ray.train.get_context().get_world_rank())
 
     def eval_metrics(split: str, activity: M.Activity | None = None) -> dict[str, Any]:
         batches = iter_domain(splits[dataset_key(eval_domain, split)], encoders[eval_domain], max(batch_sizes.values()))
@@ -305,8 +308,10 @@ def train_stage(config: dict) -> None:
             best["bad"] += 1
         metrics = {"epoch": epoch, "steps": steps, "train_loss": loss_sum / max(rows, 1), "train_rows": int(rows),
                    "epoch_seconds": time.perf_counter() - t0, "resumed_from_epoch": resumed_from,
-                   **{f"valid_{k}": v for k, v in valid.items()}}
+                   "best_valid_auc": best["auc"], **{f"valid_{k}": v for k, v in valid.items()}}
         history.append(metrics)
+        for tracker in epoch_trackers:
+            tracker.log(metrics, epoch)
         meta, shards = training_state(model, checkpointed, epoch, best, history, ctx.step)
         report(metrics, {STATE_FILE: meta}, None if shards is None else lambda d, s=shards: save_sharded(s, d))
 
@@ -318,4 +323,7 @@ def train_stage(config: dict) -> None:
              "valid_auc": best["auc"], "resumed_from_epoch": resumed_from, "final": True,
              **{f"test_{k}": v for k, v in test.items()}}
     files = {MODEL_FILE: unsharded_state(model), METRICS_FILE: {**final, "history": history}, **extra}
+    for tracker in epoch_trackers:
+        tracker.log({k: v for k, v in final.items() if k.startswith("test_")}, best["epoch"])
+        tracker.close()
     report(final, files)
