@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 
 import pyarrow.fs as pafs
 
+from raytrain_ctr.artifacts import ArtifactError, shown
 from raytrain_ctr.data.dataset import join, resolve
 
 UNDATED = "0000-00-00"  # the as_of of a run without one: older than every date
@@ -55,7 +56,12 @@ class Catalog:
 
     def _read(self, file: str) -> Entry:
         with self.fs.open_input_stream(file) as f:
-            return Entry(**json.loads(f.read()))
+            raw = f.read()
+        try:
+            return Entry(**json.loads(raw))
+        except (ValueError, TypeError) as e:
+            raise ArtifactError(f"{shown(self.fs, file)}: not a catalog entry ({e}); delete it and re-run its stage "
+                                f"(raytrain-ctr run … --stage STAGE) to record it again") from None
 
     def entries(self, family: str) -> list[Entry]:
         """Oldest first (by ``as_of``, then by when they were recorded)."""

@@ -54,10 +54,6 @@ class PipelineError(RuntimeError):
     """A stage cannot run (e.g. its upstream artifact is missing)."""
 
 
-def _exists(fs: pafs.FileSystem, path: str) -> bool:
-    return fs.get_file_info(path).type == pafs.FileType.File
-
-
 def _read_json(fs: pafs.FileSystem, path: str) -> dict:
     with fs.open_input_stream(path) as f:
         return json.loads(f.read())
@@ -333,18 +329,12 @@ def worker_error(error: BaseException) -> DataError | MetricsError | ArtifactErr
     return None
 
 
-def _finished(fs: pafs.FileSystem, art: str, rebuild_with: str = "its run with --force") -> bool:
-    """Whether the artifact at ``art`` was committed and every file still matches its manifest (an
-    :class:`~raytrain_ctr.artifacts.ArtifactError` naming the file and ``rebuild_with`` when one does not)."""
-    return verify(fs, art, rebuild_with, (MODEL_FILE, METRICS_FILE)) is not None
-
-
 def committed(cfg: ExperimentConfig, stage: Stage, key: str, command: str | None = None) -> str | None:
     """The directory (path or URI) of the stage's artifact when it is committed and intact, else None; an
     :class:`~raytrain_ctr.artifacts.ArtifactError` names a file that no longer matches its manifest."""
     directory = stage_dir(cfg, stage, key)
-    fs, art = resolve(directory)
-    return directory if _finished(fs, art, rebuild(cfg, stage.name, command)) else None
+    manifest = verify(*resolve(directory), rebuild(cfg, stage.name, command), (MODEL_FILE, METRICS_FILE))
+    return directory if manifest is not None else None
 
 
 def _readers(stages: list[Stage], name: str) -> list[Stage]:

@@ -183,3 +183,15 @@ def test_every_load_is_safe_and_every_local_ray_hides_its_dashboard():
     assert inits and all("address" in kw for kw in inits)  # never "whatever cluster the machine has"
     local = [kw for kw in inits if isinstance(kw["address"], ast.Constant)]  # the others join a given address
     assert local and all(kw["address"].value == "local" and kw["include_dashboard"].value is False for kw in local)
+
+
+def test_a_damaged_catalog_entry_is_named(tmp_path):
+    from raytrain_ctr.catalog import Catalog
+
+    cat = Catalog(str(tmp_path / "catalog"))
+    entry = cat.record("fam", "train-abc", str(tmp_path / "stages" / "train-abc"), "2026-11-01")
+    assert cat.latest("fam", "2026-12-01") == entry
+    (file,) = (tmp_path / "catalog" / "fam").iterdir()
+    file.write_text('{"family": "fam"')
+    with pytest.raises(ArtifactError, match=rf"{file}: not a catalog entry .* delete it and re-run its stage"):
+        cat.latest("fam", "2026-12-01")

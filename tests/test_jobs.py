@@ -51,9 +51,10 @@ def ray_head(tmp_path):
     yield address, env
     os.killpg(head.pid, signal.SIGTERM)
     try:
-        head.wait(60)
+        head.wait(10)  # a throwaway head: a graceful stop took 30 s and keeps nothing worth keeping
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
+        head.wait(60)
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -101,3 +101,67 @@ def test_a_stage_evaluating_a_one_class_split_stops(tiny_data):
     with pytest.raises(MetricsError, match="every row of the valid split has label 0"):
         fit_local(m, m.stages[0], specs, ModelConfig(deep=(8,)), TrainConfig(epochs=1, batch_size=4096),
                   {"target": load(ds, "target", "train").select(slice(0, 2048))}, negatives)
+
+
+def sharded_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Each rank evaluates its own rows (rank 2 has none) with ``evaluate_sharded``; rank r writes its figures
+    and the peak number of rows it held."""
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    from raytrain_ctr.train import metrics as M
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    y, s, u, activity = sharded_rows()
+    cuts = [0, 7000, 12000, 12000, len(y)]  # unequal shards, one empty
+    mine = slice(cuts[rank], cuts[rank + 1])
+    held = []
+    exchange = M.exchange
+
+    def counted(dest, *arrays):
+        got = exchange(dest, *arrays)
+        held.append(len(got[0]))
+        return got
+
+    M.exchange = counted
+    figures = M.evaluate_sharded(y[mine], s[mine], u[mine], "test", activity)
+    with open(f"{out}/{rank}.json", "w") as f:
+        json.dump({"figures": figures, "held": held}, f)
+    dist.destroy_process_group()
+
+
+def sharded_rows():
+    rng = np.random.default_rng(7)
+    n = 20_000
+    u = rng.geometric(1 / 600, n) % 3000 + 10**12  # skewed activity (no user holds a large share), large ids
+    y = (rng.random(n) < 0.3).astype(np.float64)
+    s = np.round(1 / (1 + np.exp(-(rng.normal(size=n) + y))), 3)  # many ties, across workers too
+    clicks = np.bincount((u - 10**12).astype(np.int64), minlength=3000)
+    activity = Activity(np.arange(3000) + 10**12, clicks, (5, 20))
+    return y, s, u, activity
+
+
+def test_sharded_evaluation_equals_the_gathered_figures(tmp_path):
+    """AUC by a sample sort, GAUC by a user shuffle, per activity bucket too: equal to the one-process figures on
+    every rank, while no rank holds much more than its share of the rows."""
+    import json
+
+    from helpers import spawn
+
+    from raytrain_ctr.train.metrics import summarize
+
+    spawn(sharded_worker, str(tmp_path), nprocs=4)
+    y, s, u, activity = sharded_rows()
+    expected = {**summarize(y, s, u), "by_activity": by_activity(y, s, u, activity)}
+    for rank in range(4):
+        got = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert set(got["figures"]) == set(expected) and set(got["figures"]["by_activity"]) == {"0-4", "5-19", "20+"}
+        for k, v in expected.items():
+            if k != "by_activity":
+                assert got["figures"][k] == pytest.approx(v, rel=1e-12, abs=1e-12), k
+        for b, fig in expected["by_activity"].items():
+            assert got["figures"]["by_activity"][b] == pytest.approx(fig, rel=1e-12, abs=1e-12), b
+        assert max(got["held"]) < 0.35 * len(y)  # about a quarter each (the score sort and the user shuffle)

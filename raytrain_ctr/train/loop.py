@@ -162,7 +162,7 @@ def lockstep(batches: Iterable[Batch], empty: Batch) -> Iterator[Batch]:
 def evaluate(model: torch.nn.Module, ctx: StageContext, batches: Iterable[Batch], with_users: bool,
              empty: Batch | None = None, activity: M.Activity | None = None, split: str = "evaluation"
              ) -> dict[str, Any]:
-    """Exact metrics over the whole split: every worker's predictions are gathered first.
+    """Exact metrics over the whole split, each worker holding about its share of it (``evaluate_sharded``).
     With ``empty`` given, workers step in lockstep (sharded models); with ``activity``, also per
     user-activity bucket (``by_activity``). An empty or one-class split, or a non-finite prediction,
     stops the stage (:class:`~raytrain_ctr.train.metrics.MetricsError`) instead of reporting −1 or nan."""
@@ -174,14 +174,9 @@ def evaluate(model: torch.nn.Module, ctx: StageContext, batches: Iterable[Batch]
             labels.append(b.label)
             if b.user is not None:
                 users.append(b.user)
-    arrays = [M.to_numpy(labels), M.to_numpy(probs)] + ([M.to_numpy(users, np.int64)] if with_users else [])
     train_mode(model)
-    gathered = M.gather(*arrays)
-    M.check_evaluable(gathered[0], gathered[1], split)
-    out: dict[str, Any] = M.summarize(*gathered)
-    if activity is not None and with_users:
-        out["by_activity"] = M.by_activity(*gathered, activity)
-    return out
+    return M.evaluate_sharded(M.to_numpy(labels), M.to_numpy(probs), M.to_numpy(users, np.int64) if with_users else
+                              None, split, activity)
 
 
 def _maybe_fail(tc: TrainConfig, epoch: int, step: int, marker_dir: str) -> None:
