@@ -39,11 +39,12 @@ TRAIN_RULES: dict[str, tuple] = {
     "sparse_eps": (float, 0, True), "weight_decay": (float, 0), "patience": (int, 1), "seed": (int, 0),
     "workers": (int, 1), "shuffle_buffer": (int, 0), "cache_mb": (int, 0), "max_failures": (int, 0),
     "deterministic": (bool,), "fail_once_at_epoch": (int, 0, False, None, True), "tensorboard": (bool,),
-    "mlflow": (str, None, False, None, True), "progress": (bool,),
+    "mlflow": (str, None, False, None, True), "progress": (bool,), "use_gpu": (bool,), "cpus_per_worker": (int, 1),
 }
 # settings that do not change a stage's result (resources, tracking, testing aids): left out of its key, so a
 # stage resumes on another worker count (DCP reshards its tables) and tracking can be switched on for a re-run
-NOT_IN_KEY = ("workers", "max_failures", "fail_once_at_epoch", "cache_mb", "tensorboard", "mlflow", "progress")
+NOT_IN_KEY = ("workers", "use_gpu", "cpus_per_worker", "max_failures", "fail_once_at_epoch", "cache_mb", "tensorboard",
+              "mlflow", "progress")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,8 @@ class TrainConfig:
     patience: int = 2               # early stopping on target-validation AUC
     seed: int = 0
     workers: int = 1
+    use_gpu: bool = False           # one GPU per worker (NCCL, TorchRec's fused GPU kernels, pinned host batches)
+    cpus_per_worker: int = 1        # CPUs each worker reserves (and torch's threads in it)
     shuffle_buffer: int = 0         # rows in each worker's local shuffle buffer (0 = stream order); a cached
     #                                 split's slice is permuted whole when it is > 0
     cache_mb: int = 256             # splits smaller than this on disk are cached in the object store
@@ -80,6 +83,11 @@ class TrainConfig:
         if self.sparse_optimizer not in SPARSE_OPTIMIZERS:
             raise SpecError(f"train.sparse_optimizer: unknown optimizer '{self.sparse_optimizer}' "
                             f"(one of {list(SPARSE_OPTIMIZERS)})")
+
+    @property
+    def resources_per_worker(self) -> dict[str, float]:
+        """What each Ray Train worker reserves (``ScalingConfig.resources_per_worker``)."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": 1} if self.use_gpu else {})}
 
 
 @dataclass(frozen=True)
@@ -106,7 +114,7 @@ class ExperimentConfig:
             object.__setattr__(self, "as_of", str(self.as_of))
         object.__setattr__(self, "windows", {str(k): Window.parse(v, f"windows.{k}")
                                              for k, v in dict(self.windows or {}).items()})
-        check_sparse_optimizer(self.model.embedding_backend, self.train.sparse_optimizer)
+        check_sparse_optimizer(self.model.embedding_backend, self.train.sparse_optimizer, self.train.use_gpu)
         if not isinstance(self.roles, dict) or not all(isinstance(v, str) for v in self.roles.values()):
             raise SpecError(f"roles: a mapping of role to domain name, e.g. {{source: video, target: game}}, "
                             f"got {self.roles!r}")

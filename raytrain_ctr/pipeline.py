@@ -267,7 +267,8 @@ def run_stage(cfg: ExperimentConfig, method: Method, dataset: CTRDataset, stage:
     trainer = TorchTrainer(
         train_stage,
         train_loop_config={"job": job},
-        scaling_config=ScalingConfig(num_workers=tc.workers, use_gpu=False),
+        scaling_config=ScalingConfig(num_workers=tc.workers, use_gpu=tc.use_gpu,
+                                     resources_per_worker=tc.resources_per_worker),
         datasets={k: v for k, v in splits.items() if k not in cached},
         dataset_config=ExactlyOnceDataConfig(),
         run_config=RunConfig(name=run_name, storage_path=storage,
@@ -389,7 +390,8 @@ def run(cfg: ExperimentConfig, stage: str | None = None, force: bool = False,
     stages = method.stages if stage is None else method.job(stage)
     for st in stages:
         check_stage_inputs(cfg, dataset, method, st)
-    check_workers(max(stage_train_config(cfg, st.overrides).workers for st in stages))
+    for tc in {stage_train_config(cfg, st.overrides) for st in stages}:
+        check_workers(tc.workers, tc.resources_per_worker)
     fs, run_dir = resolve(storage_path(cfg, cfg.run_name))
     fs.create_dir(run_dir, recursive=True)
     with fs.open_output_stream(join(run_dir, "config.json")) as f:

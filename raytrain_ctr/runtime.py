@@ -74,22 +74,28 @@ def map_tasks(fn: Callable, calls: list[tuple], parallelism: int | None = None) 
     return results
 
 
-def check_workers(workers: int) -> None:
-    """Before a stage starts: ``workers`` one-CPU Train workers must fit the cluster's CPUs, or the stage
-    would wait for them forever. A local Ray cannot grow: there it is an error; a cluster's autoscaler
-    may add nodes: there it is a warning."""
+def check_workers(workers: int, per_worker: dict[str, float] | None = None) -> None:
+    """Before a stage starts: ``workers`` Train workers, each holding ``per_worker`` resources (one CPU by
+    default), must fit the cluster, or the stage would wait for them forever. A local Ray cannot grow: there
+    it is an error; a cluster's autoscaler may add nodes: there it is a warning."""
     import ray
 
     if not ray.is_initialized():
         return
-    cpus = ray.cluster_resources().get("CPU", 0)
-    if workers <= cpus:
-        return
-    msg = f"train.workers: {workers} workers need {workers} CPUs and the Ray cluster has {cpus:g}"
-    if ray.get_runtime_context().gcs_address in _LOCAL:
-        raise SpecError(f"{msg}; lower train.workers (a local Ray started here has max(4, 2 × cores) logical "
-                        f"CPUs, or set RAY_ADDRESS to a larger cluster)")
-    logging.getLogger(__name__).warning("%s: the stage waits until the autoscaler adds them", msg)
+    have = ray.cluster_resources()
+    for kind, each in (per_worker or {"CPU": 1}).items():
+        need = workers * each
+        if need <= have.get(kind, 0):
+            continue
+        msg = f"train.workers: {workers} workers need {need:g} {kind}s and the Ray cluster has {have.get(kind, 0):g}"
+        if ray.get_runtime_context().gcs_address not in _LOCAL:
+            logging.getLogger(__name__).warning("%s: the stage waits until the autoscaler adds them", msg)
+        elif kind == "CPU":
+            raise SpecError(f"{msg}; lower train.workers or train.cpus_per_worker (a local Ray started here has "
+                            f"max(4, 2 × cores) logical CPUs, or set RAY_ADDRESS to a larger cluster)")
+        else:
+            raise SpecError(f"{msg}; lower train.workers, or set train.use_gpu: false (this machine's Ray sees "
+                            f"{have.get(kind, 0):g})")
 
 
 def report(metrics: dict, files: dict[str, Any] | None = None,

@@ -72,11 +72,18 @@ def test_yaml_floats_written_without_a_dot_are_numbers(tiny_data):
     assert cfg.train.lr == 0.001 and cfg.train.sparse_lr is None
 
 
-def test_more_workers_than_a_local_ray_has_cpus_stop_before_any_worker(tiny_data, ray_local, tmp_path):
+def test_more_workers_than_a_local_ray_has_cpus_or_gpus_stop_before_any_worker(tiny_data, ray_local, tmp_path):
     cfg = load_config(CONFIGS / "target_only.yaml").with_overrides(
         {"data": tiny_data, "storage": str(tmp_path), "train.workers": 64})
     with pytest.raises(SpecError, match="train.workers: 64 workers need 64 CPUs and the Ray cluster has"):
         pipeline.run(cfg)
+    assert not (tmp_path / "stages").exists()
+    gpu = cfg.with_overrides({"train.workers": 2, "train.use_gpu": True})
+    with pytest.raises(SpecError, match="train.workers: 2 workers need 2 GPUs and the Ray cluster has 0; .*use_gpu"):
+        pipeline.run(gpu)
+    assert gpu.train.resources_per_worker == {"CPU": 1, "GPU": 1}
+    with pytest.raises(SpecError, match="train.workers: 2 workers need 128 CPUs .*cpus_per_worker"):
+        pipeline.run(cfg.with_overrides({"train.workers": 2, "train.cpus_per_worker": 64}))
     assert not (tmp_path / "stages").exists()
 
 

@@ -14,6 +14,8 @@ from raytrain_ctr.methods import get_method
 from raytrain_ctr.models.backbones import ModelConfig, build_model
 from raytrain_ctr.spec import SpecError
 from raytrain_ctr.train.local import fit_local
+from raytrain_ctr.train.loop import build_stage_model, make_optimizers, train_step
+from raytrain_ctr.train.sync import GradientSync
 
 
 def test_cross_layer_is_autoft_eq5():
@@ -68,3 +70,29 @@ def test_shared_table_is_one_parameter(tiny_data):
 def test_deepfm_needs_one_dim_and_unknown_backbone_is_named():
     with pytest.raises(SpecError, match="unknown backbone 'dcn3'"):
         ModelConfig(backbone="dcn3")
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adagrad"])
+def test_padding_row_stays_zero_and_training_equals_padding_idx(tiny_data, optimizer):
+    """Row 0 (OOV/padding) is read as zeros without ``padding_idx`` (its backward is 3× slower): the optimizer
+    sets it back after each step, and every parameter moves exactly as with ``padding_idx=0``."""
+    ds = CTRDataset.load(tiny_data)
+    specs = {d: ds.domain(d).spec for d in ds.domains}
+    batch = load(ds, "target", "train").select(slice(0, 768))
+    batch.sparse["item_id"][::3] = 0  # OOV rows beside the sequences' padding
+    method, states = get_method("target_only"), []
+    for padding in (False, True):
+        torch.manual_seed(0)
+        model, ctx = build_stage_model(method, method.stages[0], specs, ModelConfig(backbone="dcn", deep=(16,)))
+        for table in model.embedding.tables.values():
+            table.padding_idx = 0 if padding else None
+        opts = make_optimizers(model, TrainConfig(lr=0.01, sparse_lr=0.05, sparse_optimizer=optimizer), ctx)
+        for step in range(3):
+            train_step(model, ctx, {"target": batch.select(slice(step * 256, (step + 1) * 256))}, opts,
+                       GradientSync(model))
+        states.append(model.state_dict())
+    tables = [k for k in states[0] if k.startswith("embedding.tables.")]
+    assert tables and all(torch.count_nonzero(states[0][k][0]) == 0 for k in tables)
+    assert any(torch.count_nonzero(states[0][k][1:]) for k in tables)
+    for k, v in states[1].items():
+        assert torch.allclose(states[0][k], v, atol=1e-6), k

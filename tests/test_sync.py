@@ -16,7 +16,7 @@ from raytrain_ctr.layers.mlp import BatchNorm
 from raytrain_ctr.methods import get_method
 from raytrain_ctr.models.backbones import ModelConfig
 from raytrain_ctr.train.loop import build_stage_model, make_optimizers, train_step
-from raytrain_ctr.train.sync import GradientSync, average_statistics
+from raytrain_ctr.train.sync import GradientSync, average_statistics, sum_sparse
 
 
 def steps(data: str, rank: int, world: int, n_steps: int = 3) -> dict:
@@ -73,3 +73,34 @@ def test_normalisation_statistics_are_averaged_over_workers(tmp_path):
         assert torch.equal(r0["after"][k], r1["after"][k])
     assert torch.equal(r0["after"]["0.num_batches_tracked"], r0["before"]["0.num_batches_tracked"])
     assert any(k.startswith("1.running_") for k in r0["after"])
+
+
+SHAPES = ((50, 4), (30, 2), (20, 3))  # tables of different widths
+
+
+def sparse_grads(rank: int) -> list[torch.Tensor]:
+    """Worker ``rank``'s row gradients: repeated rows, rows other workers touch too, and no row at all of the
+    second table on worker 1."""
+    g = torch.Generator().manual_seed(rank)
+    out = []
+    for t, (rows, width) in enumerate(SHAPES):
+        n = 0 if (rank, t) == (1, 1) else 5 + 3 * rank + t
+        idx = torch.randint(0, rows, (n,), generator=g)
+        out.append(torch.sparse_coo_tensor(idx.unsqueeze(0), torch.randn(n, width, generator=g), (rows, width)))
+    return out
+
+
+def sum_sparse_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.save([g.to_dense() for g in sum_sparse(sparse_grads(rank))], f"{out}/sum{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_sparse_gradients_of_every_table_are_summed_together(tmp_path):
+    spawn(sum_sparse_worker, str(tmp_path), nprocs=3)
+    expected = [sum(sparse_grads(r)[t].to_dense() for r in range(3)) for t in range(len(SHAPES))]
+    for r in range(3):
+        got = torch.load(tmp_path / f"sum{r}.pt")
+        for t, (g, e) in enumerate(zip(got, expected)):
+            assert torch.allclose(g, e, atol=1e-6), f"worker {r}, table {t}"

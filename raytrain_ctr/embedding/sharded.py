@@ -4,7 +4,7 @@
 ``local`` backend does, from a TorchRec ``EmbeddingBagCollection`` fed a
 ``KeyedJaggedTensor``. Id 0 (padding/OOV) is left out of the jagged input, so a missing
 value pools to zeros and row 0 is never read nor updated: the same semantics as the local
-backend's ``padding_idx=0``. Its ``state_dict`` uses the local backend's names
+backend's zero row 0. Its ``state_dict`` uses the local backend's names
 (``tables.{table}.weight``), so artifacts move between backends.
 
 The unsharded tables live on the ``meta`` device: no worker ever holds a whole table.
@@ -109,14 +109,14 @@ class ShardedEmbeddingCollection(Embedding):
         ids 0 left out (absent fields and padding rows: no ids)."""
         trec = _torchrec()
         values, lengths = [], []
-        n = max(rows or len(batch), len(batch))
+        n, device = max(rows or len(batch), len(batch)), batch.label.device  # built where the batch is
         for _, name, i in self.features:
             ids = batch.sparse.get(name)
             if ids is None:
-                values.append(torch.zeros(0, dtype=torch.long))
-                lengths.append(torch.zeros(n, dtype=torch.long))
+                values.append(torch.zeros(0, dtype=torch.long, device=device))
+                lengths.append(torch.zeros(n, dtype=torch.long, device=device))
                 continue
-            ids = (ids[:, i: i + 1] if i is not None else ids if ids.dim() == 2 else ids.unsqueeze(1)).cpu()
+            ids = ids[:, i: i + 1] if i is not None else ids if ids.dim() == 2 else ids.unsqueeze(1)
             if len(ids) < n:  # padding rows: no ids
                 ids = torch.cat([ids, ids.new_zeros(n - len(ids), ids.shape[1])])
             keep = ids > 0
@@ -147,7 +147,7 @@ class ShardedEmbeddingCollection(Embedding):
 
         if not dist.is_initialized() or dist.get_world_size() == 1:
             return n
-        t = torch.tensor([max(n, 1)], dtype=torch.long)
+        t = torch.tensor([max(n, 1)], dtype=torch.long, device=self._device)  # NCCL: on the GPU
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t.item())
 

@@ -7,6 +7,7 @@ Ray path against.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ from raytrain_ctr.config import TrainConfig
 from raytrain_ctr.methods import Method, Stage
 from raytrain_ctr.models.backbones import ModelConfig
 from raytrain_ctr.spec import DomainSpec
+from raytrain_ctr.train.device import place, stage_device
 from raytrain_ctr.train.loop import build_stage_model, evaluate, make_optimizers, train_step
 from raytrain_ctr.train.sync import GradientSync
 
@@ -36,9 +38,13 @@ def fit_local(method: Method, stage: Stage, specs: dict[str, DomainSpec], model_
               tc: TrainConfig, train: dict[str, Batch], valid: Batch, upstream: str | dict[str, str] | None = None
               ) -> LocalResult:
     """Train a stage on in-memory batches (shuffled each epoch); validation AUC per epoch.
-    ``upstream``: a path per input of the stage, or one path for all of them."""
+    ``upstream``: a path per input of the stage, or one path for all of them. With ``tc.use_gpu``, the model
+    and every batch live on this process's GPU."""
     torch.manual_seed(tc.seed)
+    device = stage_device(tc.use_gpu, in_ray_worker=False)
     model, ctx = build_stage_model(method, stage, specs, model_cfg, upstream)
+    place(model, device)
+    train, valid = {d: b.to(device) for d, b in train.items()}, valid.to(device)
     optimizers = make_optimizers(model, tc, ctx)
     sync = GradientSync(model, exclude=ctx.group_parameter_ids())
     total = sum(len(b) for b in train.values())
@@ -47,9 +53,11 @@ def fit_local(method: Method, stage: Stage, specs: dict[str, DomainSpec], model_
     history, best = [], -1.0
     for epoch in range(tc.epochs):
         chunks = {d: split_batches(b, sizes[d], gen) for d, b in train.items()}
+        t0 = time.perf_counter()
         for step in range(max(len(c) for c in chunks.values())):
             train_step(model, ctx, {d: c[step] for d, c in chunks.items() if step < len(c)}, optimizers, sync)
+        seconds = time.perf_counter() - t0
         metrics = evaluate(model, ctx, split_batches(valid, 8192), valid.user is not None, split="valid")
-        history.append({"epoch": epoch, **metrics})
+        history.append({"epoch": epoch, "train_seconds": seconds, **metrics})
         best = max(best, metrics["auc"])
     return LocalResult(model, history, best)

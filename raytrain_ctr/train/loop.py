@@ -35,12 +35,14 @@ from raytrain_ctr.config import ExperimentConfig, TrainConfig
 from raytrain_ctr.data.encode import FeatureEncoder
 from raytrain_ctr.data.ingest import CachedSplit, iter_domain
 from raytrain_ctr.embedding import is_sharded, shard_model, sharded_parameter_ids, unsharded_state
+from raytrain_ctr.embedding.collection import keep_padding_rows
 from raytrain_ctr.methods import Method, Stage, StageContext
 from raytrain_ctr.models.backbones import ModelConfig
 from raytrain_ctr.runtime import report
 from raytrain_ctr.spec import DomainSpec, SpecError
 from raytrain_ctr.train import metrics as M
 from raytrain_ctr.train.checkpoint import STATE_FILE, restore, save_sharded, training_state
+from raytrain_ctr.train.device import place, stage_device, to_device
 from raytrain_ctr.train.state import freeze, load_filtered, train_mode
 from raytrain_ctr.train.step import GroupOptimizer
 from raytrain_ctr.train.sync import GradientSync, all_reduce_sum, average_statistics, sparse_parameters, world_size
@@ -83,7 +85,7 @@ def make_optimizers(model: torch.nn.Module, tc: TrainConfig, ctx: StageContext |
     dense = [p for p in params if id(p) not in sparse_ids]
     opts: list[torch.optim.Optimizer] = []
     if sparse:
-        opts.append(sparse_optimizer(sparse, tc))
+        opts.append(keep_padding_rows(sparse_optimizer(sparse, tc), sparse))
     if dense:
         opts.append(torch.optim.Adam(dense, lr=tc.lr, weight_decay=tc.weight_decay))
     return opts
@@ -170,10 +172,10 @@ def evaluate(model: torch.nn.Module, ctx: StageContext, batches: Iterable[Batch]
     probs, labels, users = [], [], []
     with torch.no_grad():
         for b in (batches if empty is None else lockstep(batches, empty)):
-            probs.append(torch.sigmoid(ctx.stage.hooks.logits(model, b, ctx)))
-            labels.append(b.label)
+            probs.append(torch.sigmoid(ctx.stage.hooks.logits(model, b, ctx)).cpu())
+            labels.append(b.label.cpu())
             if b.user is not None:
-                users.append(b.user)
+                users.append(b.user.cpu())
     train_mode(model)
     return M.evaluate_sharded(M.to_numpy(labels), M.to_numpy(probs), M.to_numpy(users, np.int64) if with_users else
                               None, split, activity)
@@ -237,18 +239,21 @@ def train_stage(config: dict) -> None:
     torch.manual_seed(tc.seed)
     np.random.seed(tc.seed)
 
+    torch.set_num_threads(tc.cpus_per_worker)
+    device = stage_device(tc.use_gpu, in_ray_worker=True)
     model, ctx = build_stage_model(job.method, stage, specs, cfg.model, job.inputs)
+    place(model, device)
     if cfg.model.embedding_backend == "torchrec":
         shard_model(model, world_size(), cfg.model.sharding, cfg.model.row_wise_from_rows, tc.sparse_optimizer,
-                    tc.sparse_lr or tc.lr, tc.sparse_eps)
+                    tc.sparse_lr or tc.lr, tc.sparse_eps, device)
     optimizers = make_optimizers(model, tc, ctx)
     checkpointed = optimizers + [g.optimizer for g in ctx.groups.values()]
     sync = GradientSync(model, exclude=ctx.group_parameter_ids())
     encoders = {d: FeatureEncoder(specs[d], source=f"domain '{d}', an evaluation split") for d in specs}
     train_encoders = {d: FeatureEncoder(specs[d], job.extra_columns.get(d, ()), f"domain '{d}', train split")
                       for d in stage.train_domains}  # the driver adds the file and row (pipeline.locate)
-    empties = {d: e.empty() for d, e in encoders.items()} if is_sharded(model) else None
-    train_empties = {d: e.empty() for d, e in train_encoders.items()} if is_sharded(model) else None
+    empties = {d: to_device(e.empty(), device) for d, e in encoders.items()} if is_sharded(model) else None
+    train_empties = {d: to_device(e.empty(), device) for d, e in train_encoders.items()} if is_sharded(model) else None
 
     start_epoch, best, history, resumed_from = 0, {"auc": -1.0, "epoch": -1, "state": None, "bad": 0}, [], None
     checkpoint = ray.train.get_checkpoint()
@@ -273,7 +278,8 @@ def train_stage(config: dict) -> None:
     epoch_trackers = trackers(cfg, job.artifact or stage.name, ray.train.get_context().get_world_rank())
 
     def eval_metrics(split: str, activity: M.Activity | None = None) -> dict[str, Any]:
-        batches = iter_domain(splits[dataset_key(eval_domain, split)], encoders[eval_domain], max(batch_sizes.values()))
+        batches = (to_device(b, device) for b in iter_domain(splits[dataset_key(eval_domain, split)],
+                                                              encoders[eval_domain], max(batch_sizes.values())))
         average_statistics(model)
         return evaluate(model, ctx, batches, with_users, empties[eval_domain] if empties else None, activity,
                         f"{eval_domain} {split}")
@@ -282,8 +288,9 @@ def train_stage(config: dict) -> None:
         if best["bad"] >= tc.patience:
             break
         t0 = time.perf_counter()
-        its = {d: iter_domain(splits[dataset_key(d, "train")], train_encoders[d], batch_sizes[d],
-                              shuffle_buffer=tc.shuffle_buffer, seed=tc.seed + epoch)
+        its = {d: (to_device(b, device) for b in iter_domain(splits[dataset_key(d, "train")], train_encoders[d],
+                                                             batch_sizes[d], shuffle_buffer=tc.shuffle_buffer,
+                                                             seed=tc.seed + epoch))
                for d in stage.train_domains}
         loss_sum, rows, steps = 0.0, 0, 0
         while True:
@@ -296,13 +303,15 @@ def train_stage(config: dict) -> None:
             loss_sum, rows, steps = loss_sum + step_loss, rows + sum(len(b) for b in batches.values()), steps + 1
             _maybe_fail(tc, epoch, steps, job.run_dir)
         loss_sum, rows = all_reduce_sum([loss_sum, rows])
+        train_seconds = time.perf_counter() - t0
         valid = eval_metrics("valid")
         if valid["auc"] > best["auc"]:
             best = {"auc": valid["auc"], "epoch": epoch, "state": copy.deepcopy(model.state_dict()), "bad": 0}
         else:
             best["bad"] += 1
         metrics = {"epoch": epoch, "steps": steps, "train_loss": loss_sum / max(rows, 1), "train_rows": int(rows),
-                   "epoch_seconds": time.perf_counter() - t0, "resumed_from_epoch": resumed_from,
+                   "train_seconds": train_seconds, "epoch_seconds": time.perf_counter() - t0,
+                   "resumed_from_epoch": resumed_from,
                    "best_valid_auc": best["auc"], **{f"valid_{k}": v for k, v in valid.items()}}
         history.append(metrics)
         for tracker in epoch_trackers:

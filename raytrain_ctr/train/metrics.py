@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from raytrain_ctr.train.device import collective_device
+
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     """ROC AUC by the rank-sum (Mann-Whitney) formula, ties given half credit. NaN if one class."""
@@ -99,36 +101,42 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    """``a`` where this process group's collectives take it (the GPU under NCCL)."""
+    return torch.as_tensor(a, device=collective_device())
+
+
 def _sum(values: list[float] | np.ndarray) -> np.ndarray:
     """Sum over the workers (float64)."""
-    t = torch.as_tensor(np.asarray(values, dtype=np.float64))
+    t = _tensor(np.asarray(values, dtype=np.float64))
     if _world() > 1:
         dist.all_reduce(t)
-    return t.numpy()
+    return t.cpu().numpy()
 
 
 def exchange(dest: np.ndarray, *arrays: np.ndarray) -> list[np.ndarray]:
     """Send row i of each array to worker ``dest[i]``; returns the rows this worker receives (``all_to_all``)."""
     world = _world()
     order = np.argsort(dest, kind="stable")
-    send = torch.as_tensor(np.bincount(dest, minlength=world).astype(np.int64))
-    recv = torch.empty(world, dtype=torch.int64)
+    send = _tensor(np.bincount(dest, minlength=world).astype(np.int64))
+    recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send)
     out = []
     for a in arrays:
-        src = torch.as_tensor(np.ascontiguousarray(a[order]))
-        got = torch.empty(int(recv.sum()), dtype=src.dtype)
+        src = _tensor(np.ascontiguousarray(a[order]))
+        got = src.new_empty(int(recv.sum()))
         dist.all_to_all_single(got, src, recv.tolist(), send.tolist())
-        out.append(got.numpy())
+        out.append(got.cpu().numpy())
     return out
 
 
 def _splitters(scores: np.ndarray, world: int, sample: int = 1024) -> np.ndarray:
     """``world - 1`` score bounds from every worker's quantiles, so each worker receives about rows/N scores."""
     mine = np.quantile(scores, np.linspace(0, 1, sample)) if len(scores) else np.full(sample, np.nan)
-    parts = [torch.empty(sample, dtype=torch.float64) for _ in range(world)]
-    dist.all_gather(parts, torch.as_tensor(mine, dtype=torch.float64))
-    pooled = torch.cat(parts).numpy()
+    mine = _tensor(mine.astype(np.float64))
+    parts = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(parts, mine)
+    pooled = torch.cat(parts).cpu().numpy()
     pooled = pooled[~np.isnan(pooled)]
     return np.quantile(pooled, np.arange(1, world) / world) if len(pooled) else np.zeros(world - 1)
 
@@ -188,9 +196,9 @@ def evaluate_sharded(labels: np.ndarray, probs: np.ndarray, users: np.ndarray | 
     groups_code = np.zeros(len(labels), dtype=np.int64) if bucket is None else bucket + 1
     s, y, code = exchange(dest, probs, labels.astype(np.float64), groups_code)
     mine = np.array([_rank_sums(s[m], y[m]) for m in _members(code, len(groups))])
-    negs = [torch.empty(len(groups), dtype=torch.float64) for _ in range(world)]
-    dist.all_gather(negs, torch.as_tensor(mine[:, 1]))
-    below = sum(negs[r].numpy() for r in range(dist.get_rank()))
+    negs = [torch.empty(len(groups), dtype=torch.float64, device=collective_device()) for _ in range(world)]
+    dist.all_gather(negs, _tensor(mine[:, 1].copy()))
+    below = sum(negs[r].cpu().numpy() for r in range(dist.get_rank()))
     pos, neg, num = _sum([mine[:, 0], mine[:, 1], mine[:, 2] + mine[:, 0] * below])
     aucs = np.where((pos > 0) & (neg > 0), num / np.maximum(pos * neg, 1), np.nan)
 
@@ -212,7 +220,7 @@ def evaluate_sharded(labels: np.ndarray, probs: np.ndarray, users: np.ndarray | 
 
 
 def to_numpy(chunks: list[torch.Tensor], dtype=np.float64) -> np.ndarray:
-    return torch.cat(chunks).numpy().astype(dtype) if chunks else np.zeros(0, dtype=dtype)
+    return torch.cat(chunks).cpu().numpy().astype(dtype) if chunks else np.zeros(0, dtype=dtype)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from raytrain_ctr.train.sync import GradientSync
+from raytrain_ctr.embedding.collection import keep_padding_rows
+from raytrain_ctr.train.sync import GradientSync, sparse_parameters
 
 
 @dataclass
@@ -36,7 +37,8 @@ class GroupOptimizer:
 
     def __init__(self, model: nn.Module, group: ParamGroup):
         self.model, self.group = model, group
-        self.optimizer = group.optimizer(group.params)
+        tables = {id(p) for p in sparse_parameters(model)}
+        self.optimizer = keep_padding_rows(group.optimizer(group.params), [p for p in group.params if id(p) in tables])
         self.sync: GradientSync | None = None  # made at the first step: after the tables are sharded
 
     def step(self, loss: torch.Tensor) -> None:

@@ -111,7 +111,8 @@ def trackers(cfg, artifact: str, rank: int) -> list[EpochTracker]:
 def progress_line(stage: str, metrics: dict[str, Any], epochs: int) -> str:
     """``stage finetune epoch 2/4: 41,200 rows/s, train loss 0.5120, valid AUC 0.7342 (best 0.7342), ETA ≤ 1m20s``."""
     epoch, seconds = int(metrics["epoch"]), float(metrics.get("epoch_seconds") or 0.0)
-    rate = metrics.get("train_rows", 0) / seconds if seconds else 0.0
+    training = float(metrics.get("train_seconds") or seconds)  # the training pass alone, without the evaluation
+    rate = metrics.get("train_rows", 0) / training if training else 0.0
     left = max(epochs - epoch - 1, 0) * seconds
     best = metrics.get("best_valid_auc", metrics.get("valid_auc", float("nan")))
     return (f"stage {stage} epoch {epoch + 1}/{epochs}: {rate:,.0f} rows/s, train loss "
