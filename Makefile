@@ -34,3 +34,4 @@ test: lint
 bench: setup
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/embedding.py
+	$(BIN)/python benchmarks/throughput.py

@@ -28,8 +28,8 @@ def stage_device(use_gpu: bool, in_ray_worker: bool) -> torch.device:
     if not use_gpu:
         return CPU
     if not torch.cuda.is_available():
-        raise SpecError("train.use_gpu: true, but this process sees no CUDA device (a GPU node, the CUDA build of "
-                        "torch and its driver are needed; see the README's GPU install)")
+        raise SpecError("train.use_gpu: true, but this process sees no CUDA device (a GPU node, its driver and the "
+                        "CUDA build of torch are needed: the images and set-up commands in cluster/ install it)")
     if in_ray_worker:
         import ray.train.torch
 
