@@ -87,6 +87,14 @@ def test_more_workers_than_a_local_ray_has_cpus_or_gpus_stop_before_any_worker(t
     assert not (tmp_path / "stages").exists()
 
 
+def test_a_stage_s_controller_polls_its_workers_often(ray_local):
+    """init_ray shortens Ray Train's controller poll (2 s by default: a finished stage waited two polls before its
+    fit returned), and Ray Train hands the setting to every controller it starts."""
+    from ray.train.v2._internal.constants import HEALTH_CHECK_INTERVAL_S_ENV_VAR, get_env_vars_to_propagate
+
+    assert float(get_env_vars_to_propagate()[HEALTH_CHECK_INTERVAL_S_ENV_VAR]) == 0.2
+
+
 def test_roles_map_any_domain_names_to_the_methods_roles(tmp_path, tiny_data):
     """A config's roles rename the data's domains (video, game) to the ones the methods read; every stage of every
     method then finds its domains and builds; without roles the error says how to map them."""
