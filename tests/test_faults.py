@@ -154,7 +154,8 @@ def test_on_s3_nothing_finished_is_lost(bucket, tmp_path, capsys):
                                                        f"{pretrain}/metrics.json")["Body"].read())["history"]
     for h in history:  # tracking: the driver's progress line, TensorBoard events in the bucket, MLflow
         assert re.search(rf"stage pretrain epoch {h['epoch'] + 1}/3: [\d,]+ rows/s, train loss [\d.]+, valid AUC "
-                         rf"{h['valid_auc']:.4f} \(best [\d.]+\), ETA", err), err
+                         rf"{h['valid_auc']:.4f} \(best [\d.]+\), peak RSS {h['peak_rss_mb']:,.0f} MiB a worker, ETA",
+                         err), err
     events = download(f"{storage}/tensorboard/{pretrain}", tmp_path / "tb")
     assert tensorboard_scalars(events)["valid_auc"] == [pytest.approx(h["valid_auc"]) for h in history]
     (run,) = [t.parent.parent for t in mlruns.rglob("tags/mlflow.runName") if t.read_text() == pretrain]

@@ -40,6 +40,7 @@ def test_two_stage_method_on_two_workers(finetune_run):
     for stage in res.values():
         assert Path(stage["artifact"], "model.pt").exists() and Path(stage["artifact"], "metrics.json").exists()
         assert stage["test_auc"] > 0.55 and [h["epoch"] for h in stage["history"]] == [0, 1]
+        assert all(200 < h["peak_rss_mb"] < 16_384 for h in stage["history"])  # MiB: a torch process, not KiB
     results = json.loads(Path(cfg.storage, cfg.run_name, "results.json").read_text())
     assert results["finetune"]["test_auc"] == res["finetune"]["test_auc"]
 

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import ray.train
 import torch
+import torch.distributed as dist
 
 from raytrain_ctr.artifacts import load_tensors
 from raytrain_ctr.batch import Batch
@@ -46,7 +47,7 @@ from raytrain_ctr.train.device import place, stage_device, to_device
 from raytrain_ctr.train.state import freeze, load_filtered, train_mode
 from raytrain_ctr.train.step import GroupOptimizer
 from raytrain_ctr.train.sync import GradientSync, all_reduce_sum, average_statistics, sparse_parameters, world_size
-from raytrain_ctr.train.tracking import trackers
+from raytrain_ctr.train.tracking import peak_rss_mb, trackers
 
 MODEL_FILE = "model.pt"
 METRICS_FILE = "metrics.json"
@@ -304,13 +305,14 @@ def train_stage(config: dict) -> None:
             _maybe_fail(tc, epoch, steps, job.run_dir)
         loss_sum, rows = all_reduce_sum([loss_sum, rows])
         train_seconds = time.perf_counter() - t0
+        (peak_rss,) = all_reduce_sum([peak_rss_mb()], dist.ReduceOp.MAX)
         valid = eval_metrics("valid")
         if valid["auc"] > best["auc"]:
             best = {"auc": valid["auc"], "epoch": epoch, "state": copy.deepcopy(model.state_dict()), "bad": 0}
         else:
             best["bad"] += 1
         metrics = {"epoch": epoch, "steps": steps, "train_loss": loss_sum / max(rows, 1), "train_rows": int(rows),
-                   "train_seconds": train_seconds, "epoch_seconds": time.perf_counter() - t0,
+                   "train_seconds": train_seconds, "epoch_seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss,
                    "resumed_from_epoch": resumed_from,
                    "best_valid_auc": best["auc"], **{f"valid_{k}": v for k, v in valid.items()}}
         history.append(metrics)

@@ -24,10 +24,11 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def all_reduce_sum(values: list[float]) -> list[float]:
+def all_reduce_sum(values: list[float], op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> list[float]:
+    """Each value summed over the workers (``op``: another reduction, e.g. ``ReduceOp.MAX``)."""
     t = torch.tensor(values, dtype=torch.float64, device=collective_device())
     if world_size() > 1:
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=op)
     return t.tolist()
 
 
