@@ -35,3 +35,4 @@ bench: setup
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/embedding.py
 	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/memory.py

@@ -112,6 +112,15 @@ def s3_objects(uri: str) -> list[str]:
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
+def registered_checkpoint(uri: str, run: str) -> bool:
+    """Whether Ray Train has recorded a checkpoint of the run in its snapshot: a checkpoint's files in the
+    bucket are not yet one a resubmitted run resumes from (the controller registers it after the upload)."""
+    bucket = uri.removeprefix("s3://").partition("/")[0]
+    snapshots = [k for k in s3_objects(uri) if run in k and k.endswith("checkpoint_manager_snapshot.json")]
+    return any(json.loads(boto3.client("s3").get_object(Bucket=bucket, Key=k)["Body"].read())
+               .get("latest_checkpoint_result") for k in snapshots)
+
+
 def download(uri: str, to: Path) -> Path:
     bucket, _, prefix = uri.removeprefix("s3://").partition("/")
     for key in s3_objects(uri):
@@ -125,11 +134,11 @@ def download(uri: str, to: Path) -> Path:
 def test_on_s3_nothing_finished_is_lost(bucket, tmp_path, capsys):
     """Data and storage in a bucket of the loopback S3 server, credentials from the environment only: synth
     writes there, validate and training read from there; artifacts, manifests, leases, TensorBoard events and
-    Ray Train checkpoints go there. (1) The driver is killed (its whole process group) mid-way through
-    Fine-Tune's second stage; (2) the resubmitted run skips the pre-training, resumes Fine-Tune from its last
-    checkpoint in the bucket and dies while committing it (after its first file); (3) two runs start at once:
-    one commits the stage from the finished Ray Train checkpoint, the other waits for the S3 lease and skips
-    it. Then a damaged upstream artifact is named before any worker starts."""
+    Ray Train checkpoints go there. (1) After the pre-training (tracked), the driver is killed (its whole
+    process group) mid-way through Fine-Tune's second stage; (2) the resubmitted run skips the pre-training,
+    resumes Fine-Tune from its last checkpoint in the bucket and dies while committing it (after its first
+    file); (3) two runs start at once: one commits the stage from the finished Ray Train checkpoint, the other
+    waits for the S3 lease and skips it. Then a damaged upstream artifact is named before any worker starts."""
     data, storage = f"{bucket}/data", f"{bucket}/runs"
     assert main(["synth", "--preset", "tiny", "--out", data, "--rows", "20000", "--parallelism", "1"]) == 0
     assert any(k.endswith(".parquet") for k in s3_objects(data)) and not Path("s3:").exists()
@@ -138,17 +147,9 @@ def test_on_s3_nothing_finished_is_lost(bucket, tmp_path, capsys):
     cfg_path = write_config(tmp_path / "c.yaml", data, storage, "finetune", epochs=3)
     mlruns = tmp_path / "mlruns"
 
-    driver = cli("run", "--config", str(cfg_path), f"--set=train.mlflow=file://{mlruns}",
-                 env={"MLFLOW_ALLOW_FILE_STORE": "true"})
-    deadline = time.monotonic() + 900
-    while not any("finetune-" in k and k.endswith("state.pt") for k in s3_objects(f"{storage}/_ray")):
-        assert driver.poll() is None, driver.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(1)
-    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started: nothing cleans up
-    _, err = driver.communicate()
-    committed = {k.split("/")[2] for k in s3_objects(f"{storage}/stages") if k.endswith("manifest.json")}
-    assert len(committed) == 1 and committed.pop().startswith("plain-")  # the pre-training, not Fine-Tune
+    code, _, err = finish(cli("run", "--config", str(cfg_path), "--stage", "pretrain",
+                              f"--set=train.mlflow=file://{mlruns}", env={"MLFLOW_ALLOW_FILE_STORE": "true"}))
+    assert code == 0, err
     pretrain = next(k.split("/")[2] for k in s3_objects(f"{storage}/stages") if "/plain-" in k)
     history = json.loads(boto3.client("s3").get_object(Bucket=bucket.removeprefix("s3://"), Key=f"runs/stages/"
                                                        f"{pretrain}/metrics.json")["Body"].read())["history"]
@@ -161,6 +162,19 @@ def test_on_s3_nothing_finished_is_lost(bucket, tmp_path, capsys):
     (run,) = [t.parent.parent for t in mlruns.rglob("tags/mlflow.runName") if t.read_text() == pretrain]
     lines = (run / "metrics" / "valid_auc").read_text().splitlines()  # MLflow's file store: "time value step"
     assert [float(line.split()[1]) for line in lines] == [pytest.approx(h["valid_auc"]) for h in history]
+
+    # Fine-Tune's worker stalls 5 s at its second epoch's first step (then dies once): the kill lands mid-stage,
+    # once Ray Train has registered the first epoch's checkpoint
+    driver = cli("run", "--config", str(cfg_path), "--set=train.fail_once_at_epoch=1")
+    deadline = time.monotonic() + 900
+    while not registered_checkpoint(f"{storage}/_ray", "finetune-"):
+        assert driver.poll() is None, driver.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started: nothing cleans up
+    driver.communicate()
+    committed = {k.split("/")[2] for k in s3_objects(f"{storage}/stages") if k.endswith("manifest.json")}
+    assert committed == {pretrain}  # the pre-training, not Fine-Tune
 
     code, out, err = finish(cli("run", "--config", str(cfg_path), env={"RAYTRAIN_CTR_FAULT": "commit"}))
     assert code == 3, err
