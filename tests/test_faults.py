@@ -106,8 +106,19 @@ def damaged_files_are_named(cfg, storage: Path, art: Path) -> None:
         pipeline.run(cfg.with_overrides({"train.max_failures": 0}), command=started)
 
 
-def s3_objects(uri: str) -> list[str]:
+def s3_location(uri: str) -> tuple[str, str]:
+    """The bucket and the key prefix of an ``s3://`` URI."""
     bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    return bucket, prefix
+
+
+def s3_json(uri: str) -> dict:
+    bucket, key = s3_location(uri)
+    return json.loads(boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+def s3_objects(uri: str) -> list[str]:
+    bucket, prefix = s3_location(uri)
     pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
@@ -115,14 +126,13 @@ def s3_objects(uri: str) -> list[str]:
 def registered_checkpoint(uri: str, run: str) -> bool:
     """Whether Ray Train has recorded a checkpoint of the run in its snapshot: a checkpoint's files in the
     bucket are not yet one a resubmitted run resumes from (the controller registers it after the upload)."""
-    bucket = uri.removeprefix("s3://").partition("/")[0]
+    bucket, _ = s3_location(uri)
     snapshots = [k for k in s3_objects(uri) if run in k and k.endswith("checkpoint_manager_snapshot.json")]
-    return any(json.loads(boto3.client("s3").get_object(Bucket=bucket, Key=k)["Body"].read())
-               .get("latest_checkpoint_result") for k in snapshots)
+    return any(s3_json(f"s3://{bucket}/{k}").get("latest_checkpoint_result") for k in snapshots)
 
 
 def download(uri: str, to: Path) -> Path:
-    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    bucket, prefix = s3_location(uri)
     for key in s3_objects(uri):
         if key.endswith("/"):  # a directory marker (pyarrow writes them), not a file
             continue
@@ -151,8 +161,7 @@ def test_on_s3_nothing_finished_is_lost(bucket, tmp_path, capsys):
                               f"--set=train.mlflow=file://{mlruns}", env={"MLFLOW_ALLOW_FILE_STORE": "true"}))
     assert code == 0, err
     pretrain = next(k.split("/")[2] for k in s3_objects(f"{storage}/stages") if "/plain-" in k)
-    history = json.loads(boto3.client("s3").get_object(Bucket=bucket.removeprefix("s3://"), Key=f"runs/stages/"
-                                                       f"{pretrain}/metrics.json")["Body"].read())["history"]
+    history = s3_json(f"{storage}/stages/{pretrain}/metrics.json")["history"]
     for h in history:  # tracking: the driver's progress line, TensorBoard events in the bucket, MLflow
         assert re.search(rf"stage pretrain epoch {h['epoch'] + 1}/3: [\d,]+ rows/s, train loss [\d.]+, valid AUC "
                          rf"{h['valid_auc']:.4f} \(best [\d.]+\), peak RSS {h['peak_rss_mb']:,.0f} MiB a worker, ETA",
@@ -201,6 +210,6 @@ def test_on_s3_nothing_finished_is_lost(bucket, tmp_path, capsys):
 
     cfg = from_dict(yaml.safe_load(cfg_path.read_text())["base"])
     upstream = next(k for k in keys if "/plain-" in k and k.endswith("model.pt"))
-    boto3.client("s3").put_object(Bucket=bucket.removeprefix("s3://"), Key=upstream, Body=b"truncated")
+    boto3.client("s3").put_object(Bucket=s3_location(bucket)[0], Key=upstream, Body=b"truncated")
     with pytest.raises(ArtifactError, match=rf"{bucket}/runs/stages/{pretrain}/model.pt has 9 bytes"):
         pipeline.run(cfg, stage="finetune", force=True)  # named before any worker starts
