@@ -6,13 +6,15 @@ import os
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import torch
 import torch.nn.functional as F
 
 from raytrain_ctr.data.dataset import CTRDataset
 from raytrain_ctr.data.encode import Batch, FeatureEncoder
-from raytrain_ctr.data.synth import generate, make_config
+from raytrain_ctr.data.synth import generate, generate_shard, make_config
 from raytrain_ctr.data.validate import validate
+from raytrain_ctr.spec import SpecError
 from raytrain_ctr.train.metrics import auc
 
 
@@ -70,6 +72,24 @@ def test_noise_rows_follow_a_different_rule(tiny_data):
     clean_auc = auc(clean.label, clean.true_prob)
     noise_auc = auc(noise.label, noise.true_prob)
     assert clean_auc > 0.8 and noise_auc < clean_auc - 0.25, (clean_auc, noise_auc)
+
+
+def test_channel_noise_is_whole_channels_and_row_noise_is_not():
+    """``noise_by: channel`` makes every row of two of the six channels noisy (a feature a selector can
+    see); row noise is spread evenly over the channels; the labels of the clean rows are the same."""
+    kw = {"rows": 20_000, "rows_per_shard": 20_000}
+    by_channel = generate_shard(make_config("channel_noise", **kw), "source", 0).to_pandas()
+    by_row = generate_shard(make_config("tiny", noise_frac=1 / 3, **kw), "source", 0).to_pandas()
+    share = by_channel.groupby("src_channel").is_noise.mean()
+    assert share.loc[[1, 2]].eq(1).all() and share.loc[[3, 4, 5, 6]].eq(0).all()
+    assert abs(by_channel.is_noise.mean() - 1 / 3) < 0.02
+    assert by_row.groupby("src_channel").is_noise.mean().between(0.28, 0.39).all()
+    clean = by_channel[~by_channel.is_noise]
+    assert auc(clean.label, clean.true_prob) > 0.8
+    with pytest.raises(SpecError, match="noise_by"):
+        make_config("homogeneous", noise_by="channel")
+    with pytest.raises(SpecError, match="noise_by"):
+        make_config("default", noise_by="user")
 
 
 COMMON = ["user_id", "user_age", "user_gender", "item_id", "item_cat", "ctx_slot", "hist_items"]

@@ -13,7 +13,11 @@ The planted mechanisms:
 * a target domain ``target_ratio`` times the source; Zipf id popularity;
 * a ``noise_frac`` share of source rows whose labels follow the reversed preference
   (ground truth kept in the ``is_noise`` and ``true_prob`` (the clean rule's click
-  probability) columns, which no spec lists as features);
+  probability) columns, which no spec lists as features): rows drawn at random
+  (``noise_by: row``: no feature tells them apart, so no sample selector can), or every row of
+  a ``noise_frac`` share of the source's channels (``noise_by: channel``, preset
+  ``channel_noise``: placements whose clicks mislead, visible to a selector through
+  ``src_channel``, the negative transfer CCTL's IFN is built to find);
 * heterogeneous schemas: ``src_channel`` only in the source, ``tgt_position`` only in
   the target, each with its own effect;
 * ``months`` of data with preferences drifting linearly (the last month is the present): 30-day
@@ -53,6 +57,9 @@ ROW_GROUP_ROWS = 4096  # small row groups stream in small blocks and balance acr
 SPLIT_FRACTIONS = (("train", 0.8), ("valid", 0.1), ("test", 0.1))
 
 
+NOISE_BY = ("row", "channel")
+
+
 @dataclass(frozen=True)
 class SynthConfig:
     rows: int = 200_000            # source rows; target rows = rows * target_ratio
@@ -64,6 +71,7 @@ class SynthConfig:
     item_overlap: float = 0.8      # share of target items that also appear in the source
     shared_pref: float = 0.7       # share of preference variance common to both domains
     noise_frac: float = 0.2        # share of source rows labelled by the reversed preference
+    noise_by: str = "row"          # row: rows at random; channel: whole src_channel values (see the docstring)
     months: int = 6
     drift: float = 0.6
     latent_dim: int = 8
@@ -84,6 +92,7 @@ PRESETS: dict[str, dict] = {
              "rows_per_shard": 5_000},
     "homogeneous": {"hetero": False},
     "noisy": {"noise_frac": 0.4},
+    "channel_noise": {"noise_by": "channel", "noise_frac": 1 / 3},  # two of the six channels
     "entities": {"entities": True, "rows": 150_000, "target_ratio": 0.15, "item_overlap": 0.0,
                  "user_overlap": 0.9, "noise_frac": 0.0},
     # E-CDCTR (§4.1): ten calendar months from 2025-01-01, preferences drifting; a target a fifth of the
@@ -104,6 +113,10 @@ def make_config(preset: str = "default", **overrides) -> SynthConfig:
         if k not in valid:
             raise SpecError(f"unknown synth option '{k}' (valid: {sorted(valid)})")
     cfg = replace(SynthConfig(), **{**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}})
+    if cfg.noise_by not in NOISE_BY:
+        raise SpecError(f"synth option noise_by: '{cfg.noise_by}' is not one of {NOISE_BY}")
+    if cfg.noise_by == "channel" and not (cfg.hetero or cfg.entities):
+        raise SpecError("synth option noise_by: 'channel' needs the source's src_channel field (hetero or entities)")
     if cfg.start:
         try:
             dt.date.fromisoformat(cfg.start)
@@ -220,6 +233,11 @@ class World:
 # ---- shards ---------------------------------------------------------------------------------
 
 
+def noisy_channels(cfg: SynthConfig) -> int:
+    """``noise_by: channel``: channels ``1..m`` are the noisy ones, ``m`` the nearest to ``noise_frac`` of them."""
+    return round(cfg.noise_frac * N_CHANNEL)
+
+
 def domain_rows(cfg: SynthConfig, domain: str) -> int:
     return cfg.rows if domain == "source" else max(1, round(cfg.rows * cfg.target_ratio))
 
@@ -268,7 +286,10 @@ def generate_shard(cfg: SynthConfig, domain: str, shard: int) -> pa.Table:
         position = rng.integers(1, N_POSITION + 1, n)
         logit = logit - 0.35 * (position - 1)
         cols["tgt_position"] = pa.array(position)
-    is_noise = (rng.random(n) < cfg.noise_frac) if domain == "source" else np.zeros(n, dtype=bool)
+    is_noise = np.zeros(n, dtype=bool)
+    if domain == "source":
+        draw = rng.random(n)  # drawn either way, so the labels' stream is the same for both settings
+        is_noise = (channel <= noisy_channels(cfg)) if cfg.noise_by == "channel" else draw < cfg.noise_frac
     prob = 1 / (1 + np.exp(-logit))  # the clean rule, kept as ground truth (not a feature)
     noisy = np.where(is_noise, logit - 2 * cfg.signal * pref, logit)  # reversed preference
     label = (rng.random(n) < 1 / (1 + np.exp(-noisy))).astype(np.int8)
