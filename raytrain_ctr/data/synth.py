@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import calendar
 import datetime as dt
+import functools
 import math
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -181,6 +182,7 @@ class World:
     def __init__(self, cfg: SynthConfig):
         self.cfg = cfg
         self.seed = cfg.seed
+        self._item_latent: np.ndarray | None = None
 
     def user_ids(self, domain: str, ranks: np.ndarray) -> np.ndarray:
         """1-based user ids; target users overlap with source users at ``user_overlap``."""
@@ -207,12 +209,16 @@ class World:
         return 1 + (uniform(self.seed, "topic", items)[:, 0] * N_TOPIC).astype(np.int64)
 
     def item_latent(self, items: np.ndarray) -> np.ndarray:
-        uniq, inv = np.unique(items, return_inverse=True)  # ids repeat a lot (Zipf)
-        v = normal(self.seed, "v", uniq, self.cfg.latent_dim)
-        if self.cfg.entities:  # items of both entities share their topic's latent: what transfers across them
-            v = (math.sqrt(TOPIC_SHARE) * normal(self.seed, "v_topic", self.item_topic(uniq), self.cfg.latent_dim)
-                 + math.sqrt(1 - TOPIC_SHARE) * v)
-        return v[inv.reshape(items.shape)]
+        """Each item's latent, looked up in the world's table of every item id (``2·n_items + 1`` rows,
+        made once: a shard's candidate pools read it tens of times a row)."""
+        if self._item_latent is None:
+            ids = np.arange(2 * self.cfg.n_items + 1)
+            v = normal(self.seed, "v", ids, self.cfg.latent_dim)
+            if self.cfg.entities:  # items of both entities share their topic's latent: what transfers across them
+                v = (math.sqrt(TOPIC_SHARE) * normal(self.seed, "v_topic", self.item_topic(ids), self.cfg.latent_dim)
+                     + math.sqrt(1 - TOPIC_SHARE) * v)
+            self._item_latent = v
+        return self._item_latent[items]
 
     def user_features(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         z = normal(self.seed, "u_shared", users, 2)
@@ -228,6 +234,12 @@ class World:
 
     def affinity(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         return (u * v).sum(-1) / math.sqrt(self.cfg.latent_dim)
+
+
+@functools.lru_cache(maxsize=2)
+def world_of(cfg: SynthConfig) -> World:
+    """One world per config and process: its item table serves every shard a process writes."""
+    return World(cfg)
 
 
 # ---- shards ---------------------------------------------------------------------------------
@@ -248,7 +260,7 @@ def num_shards(cfg: SynthConfig, domain: str) -> int:
 
 def generate_shard(cfg: SynthConfig, domain: str, shard: int) -> pa.Table:
     """All rows of one shard of one domain (every split), as an Arrow table with a ``split`` column."""
-    world = World(cfg)
+    world = world_of(cfg)
     start = shard * cfg.rows_per_shard
     n = min(cfg.rows_per_shard, domain_rows(cfg, domain) - start)
     rng = np.random.default_rng([cfg.seed, 0 if domain == "source" else 1, shard])
@@ -341,7 +353,9 @@ def behaviour(cfg: SynthConfig, world: World, rng: np.random.Generator, entity: 
     cand = world.item_ids(entity, zipf_ranks(rng, cfg.n_items, (n, pool), cfg.zipf))
     score = world.affinity(u[:, None, :], world.item_latent(cand.ravel()).reshape(n, pool, -1))
     score = score + rng.gumbel(size=score.shape)
-    top = np.take_along_axis(cand, np.argsort(-score, axis=1, kind="stable")[:, :max_len], axis=1)
+    best = np.argpartition(-score, max_len - 1, axis=1)[:, :max_len]  # the pool's top, then in order
+    best = np.take_along_axis(best, np.argsort(-np.take_along_axis(score, best, 1), axis=1, kind="stable"), 1)
+    top = np.take_along_axis(cand, best, axis=1)
     lengths = rng.integers(min_len, max_len + 1, n)
     keep = np.arange(max_len)[None, :] < lengths[:, None]
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
