@@ -38,12 +38,14 @@ SPACES["share_bottom"] = {"method_args.d": {"choice": [32, 64, 128]}, "method_ar
                           "method_args.tower_depth": {"choice": [1, 2, 3]}}
 SPACES["mmoe"] = SPACES["ple"] = {**SPACES["share_bottom"], "method_args.experts": {"choice": [1, 2, 4, 8]}}
 SPACES["star"] = SPACES["conet"] = SPACES["share_bottom"]
-# CCTL §2 and §3.3: α (eq. 9, Figure 5(b)), γ, the sync period k, the selector period n, REN's weight, selector width
+# CCTL §2 and §3.3: α (eq. 9, Figure 5(b)), γ, the sync period k, the selector period n, REN's weight, selector width;
+# the selection policy and the reward (options beyond the paper, methods/cctl.py)
 SPACES["cctl"] = {"method_args.alpha": {"uniform": [0.0, 1.0]}, "method_args.gamma": {"uniform": [0.5, 0.99]},
                   "method_args.k": {"choice": [5, 20, 100]}, "method_args.n": {"choice": [5, 10, 50]},
                   "method_args.ren_weight": {"loguniform": [1e-3, 1.0]},
                   "method_args.selector_hidden": {"choice": [16, 64, 256]},
-                  "method_args.policy": {"choice": ["weight", "sample"]}}
+                  "method_args.policy": {"choice": ["weight", "sample"]},
+                  "method_args.reward": {"choice": ["batch", "row"]}}
 # MKT §3.2–3.3: γ (eq. 13), d_HFA (eq. 8), the CKE's PLE experts and levels, the gate plugging MEM into TEM
 SPACES["mkt"] = {"method_args.gamma": {"loguniform": [1e-3, 1.0]}, "method_args.d_hfa": {"choice": [8, 16, 32, 64]},
                  "method_args.experts": {"choice": [1, 2, 4]}, "method_args.specific_experts": {"choice": [1, 2]},

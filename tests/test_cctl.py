@@ -111,6 +111,32 @@ def test_the_reward_has_the_sign_of_the_source_rows_help(tiny_data):
         assert r == pytest.approx(float(want), rel=1e-5) and r * sign > 0.1  # eq. 5: Loss_pure − Loss_tgt
 
 
+def test_the_row_reward_scores_each_source_row_by_the_pure_tower(tiny_data):
+    """``reward: row``: a source row's reward is minus its loss under the pure tower; eq. 9 then credits
+    each row with its own reward less the window's mean, so the rows the pure tower finds worst lose
+    weight and the others gain."""
+    ds, model, ctx = setup(tiny_data, {"reward": "row"})
+    source = rows(ds, "source", 0, 256)
+    with ctx.main_loss():
+        ctx.stage.hooks.loss(model, {"target": rows(ds, "target", 0, 64), "source": source}, ctx)
+    with torch.no_grad():
+        want = -bce_rows(model.pure.head(model.aligned(source)[0]), source.label)
+    assert torch.allclose(ctx.stage.hooks.step_source[2], want, atol=1e-6) and want.std() > 0
+    # the update: the step's rows (the window's first) move by their reward against the window's mean
+    _, model2, ctx2 = setup(tiny_data, {"reward": "row", "k": 100, "n": 2})
+    hooks2, opts2 = ctx2.stage.hooks, make_optimizers(model2, TC, ctx2)
+    sync2 = GradientSync(model2, exclude=ctx2.group_parameter_ids())
+    train_step(model2, ctx2, {"source": source, "target": rows(ds, "target", 0, 64)}, opts2, sync2)
+    rewards, v = hooks2.window[-1][2].clone(), hooks2.window[-1][0]
+    with torch.no_grad():
+        before = model2.weight(v)
+    train_step(model2, ctx2, {"source": source, "target": rows(ds, "target", 64, 64)}, opts2, sync2)
+    with torch.no_grad():
+        moved = model2.weight(v) - before  # the selector's step alone (the same inputs)
+    best, worst = rewards.argsort(descending=True)[:32], rewards.argsort()[:32]
+    assert moved[best].mean() > moved[worst].mean()
+
+
 @pytest.mark.parametrize("alpha,policy", [(1.0, "weight"), (0.0, "weight"), (1.0, "sample")])
 def test_the_selector_moves_only_by_its_reinforce_step(tiny_data, alpha, policy):
     ds, model, ctx = setup(tiny_data, {"k": 2, "n": 3, "alpha": alpha, "policy": policy})
@@ -125,7 +151,7 @@ def test_the_selector_moves_only_by_its_reinforce_step(tiny_data, alpha, policy)
         moved.append(any(not torch.equal(a, b) for a, b in zip(before, model.selector.parameters())))
     # only at steps 3 and 6 (n = 3), and not at all when α = 0 (eq. 9 scales the step by α)
     assert moved == ([False, False, True, False, False, True] if alpha else [False] * 6)
-    _, act = ctx.stage.hooks.window[-1]  # the last step's source rows: sampled 0/1 selections, or none
+    _, act, _ = ctx.stage.hooks.window[-1]  # the last step's source rows: sampled 0/1 selections, or none
     assert act is None if policy == "weight" else set(act.unique().tolist()) == {0.0, 1.0}
     report = ctx.stage.hooks.artifacts(model, ctx)["selector.json"]
     assert report["steps"] == [3, 6] and report["final"]["rows_clean"] + report["final"]["rows_noise"] == 3 * 256
@@ -158,6 +184,8 @@ def test_bad_arguments_and_ablation_switches(tiny_data):
         get_method("cctl", {"gamma": 1.5})
     with pytest.raises(SpecError, match="policy: 'greedy'"):
         get_method("cctl", {"policy": "greedy"})
+    with pytest.raises(SpecError, match="reward: 'step'"):
+        get_method("cctl", {"reward": "step"})
     _, full, _ = setup(tiny_data, {})
     _, wo_ren_model, _ = setup(tiny_data, {"ren": False})
     ds, model, ctx = setup(tiny_data, {"ifn": False})

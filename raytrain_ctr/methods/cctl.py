@@ -22,6 +22,16 @@ them, ``r^accu_k = r_{k+1} + γ·r_{k+2} + …`` (a step's reward measures the u
 row of a step shares one reward and eq. 9 moves every ``p_i`` the same way; sampling gives the
 rows of a step different credit, the usual way a data selector is trained by policy gradient.
 
+``reward: row`` is a second option beyond the paper: eq. 9's sum with a reward per source row in
+place of the step's ``r^accu``: ``r_i = −L(y_i, f(x_i; Θ_pure))``, the row's loss under the pure
+tower (the tower that has learnt from the target alone: SCN as the judge of single rows), scored
+against the window's mean. As written, eq. 5 gives a step one scalar and the expected update moves
+every ``p_i`` the same way (``E[∇] = E[r]·Σ_i ∇ log p_i``): the selector can tell rows apart only
+through how a step's reward co-varies with its mix of rows, a signal far below the reward's noise
+here (README, CCTL results). A first-order per-row reward (the row's prediction-layer gradient
+projected on the target batch's) was tried and dropped: its sign followed the row's label, not its
+noise.
+
 **REN** (§2.5). Each domain has its own id tables (the id fields' tables, read by the ids and the
 behaviour sequences: the dual embedding); the other fields of the source share the mixed tower's
 tables, and fields only the source has get tables of their own (``ren: false`` drops the dual
@@ -58,6 +68,7 @@ from raytrain_ctr.train.sync import all_reduce_sum
 
 SWITCHES = ("ifn", "ren")
 POLICIES = ("weight", "sample")  # eq. 9 as written; or Bernoulli selection (see the module docstring)
+REWARDS = ("batch", "row")  # eq. 5's r^accu a step, as written; or a reward per source row (beyond the paper)
 BINS = 20  # the selector-weight histogram of Figure 5(a)
 
 
@@ -228,7 +239,7 @@ class CCTLHooks(StageHooks):
             act = torch.bernoulli(p.detach()) if a["ifn"] and a["policy"] == "sample" else None
             weight = p.detach() if act is None else act
             total = total + (weight * bce_rows(model.mixed.head(v), source.label)).sum()  # eq. 3, source
-            self.step_source = (v.detach(), act)
+            self.step_source = (v.detach(), act, self.row_rewards(model, v.detach(), source))
             if a["ifn"]:
                 self.observe(p.detach(), source.extra.get("is_noise"))
         else:
@@ -236,6 +247,13 @@ class CCTLHooks(StageHooks):
         if a["ren"]:
             total = total + float(a["ren_weight"]) * self.ren(model, target, target_emb, source, source_emb)
         return total
+
+    def row_rewards(self, model: CCTLModel, v: torch.Tensor, source: Batch) -> torch.Tensor | None:
+        """``reward: row``: each source row's ``−L(y_i, f(x_i; Θ_pure))`` (see the module docstring)."""
+        if self.args["reward"] != "row":
+            return None
+        with torch.no_grad():
+            return -bce_rows(model.pure.head(v), source.label)
 
     def ren(self, model: CCTLModel, target: Batch | None, target_emb: dict | None, source: Batch | None,
             source_emb: dict | None) -> torch.Tensor:
@@ -278,15 +296,20 @@ class CCTLHooks(StageHooks):
             returns[k] = accu.add(rewards[k])
         if a["policy"] == "sample" and returns:  # REINFORCE with the window's mean return as baseline
             returns = [r - float(np.mean(returns)) for r in returns]
+        baseline = 0.0
+        if a["reward"] == "row":  # per-row rewards, scored against the window's mean over all workers
+            rows = [e[2] for e in steps if e is not None]
+            total, count = all_reduce_sum([float(sum(r.sum() for r in rows)), float(sum(len(r) for r in rows))])
+            baseline = total / count if count else 0.0
         (n_global,) = all_reduce_sum([sum(len(e[0]) for e in steps if e is not None)])
         loss = torch.zeros(())
         for entry, r in zip(steps, returns):
             if entry is None or not len(entry[0]):
                 continue
-            v, act = entry
+            v, act, row = entry
             p = model.weight(v).clamp(1e-6, 1 - 1e-6)
             log_pi = torch.log(p) if act is None else act * torch.log(p) + (1 - act) * torch.log(1 - p)
-            loss = loss - r * log_pi.sum()
+            loss = loss - ((row - baseline if row is not None else r) * log_pi).sum()
         ctx.update("selector", float(a["alpha"]) * loss / max(n_global, 1.0))
         self.window, self.rewards = self.window[-1:], self.rewards[-1:]
         totals = all_reduce_sum(self.counts.reshape(-1).tolist())
@@ -354,7 +377,7 @@ class CCTL(Method):
     name = "cctl"
     description = "symmetric companion towers, a REINFORCE-trained source-sample selector, contrastive REN"
     arg_defaults: dict[str, Any] = {"alpha": 1.0, "gamma": 0.8, "k": 20, "n": 10, "ren_weight": 0.1,
-                                    "selector_hidden": 64, "selector_lr": 1e-3, "policy": "weight",
+                                    "selector_hidden": 64, "selector_lr": 1e-3, "policy": "weight", "reward": "batch",
                                     **{s: True for s in SWITCHES}}
 
     @property
@@ -367,4 +390,6 @@ class CCTL(Method):
             raise SpecError(f"method_args.gamma: a discount in [0, 1], got {a['gamma']}")
         if a["policy"] not in POLICIES:
             raise SpecError(f"method_args.policy: '{a['policy']}' is not one of {list(POLICIES)}")
+        if a["reward"] not in REWARDS:
+            raise SpecError(f"method_args.reward: '{a['reward']}' is not one of {list(REWARDS)}")
         return [Stage("cctl", ("source", "target"), hooks=CCTLHooks(dict(a)), diagnostics=("is_noise",))]
