@@ -32,6 +32,7 @@ test: lint
 	$(BIN)/python -m pytest -q
 
 bench: setup
+	$(BIN)/python benchmarks/generator.py
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/embedding.py
 	$(BIN)/python benchmarks/throughput.py
