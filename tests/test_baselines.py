@@ -1,5 +1,6 @@
 """L2-SP's penalty (in process, with the loop's own step code)."""
 
+import pytest
 import torch
 from helpers import load
 
@@ -7,6 +8,7 @@ from raytrain_ctr.config import TrainConfig
 from raytrain_ctr.data.dataset import CTRDataset
 from raytrain_ctr.methods import get_method
 from raytrain_ctr.models.backbones import ModelConfig
+from raytrain_ctr.spec import SpecError
 from raytrain_ctr.train.local import fit_local
 from raytrain_ctr.train.loop import build_stage_model
 
@@ -53,3 +55,37 @@ def test_l2sp_penalty_touches_only_the_batch_rows(tiny_data, tmp_path):
     touched = set(grad.coalesce().indices()[0].tolist())
     expected = set(torch.cat([batch.sparse["item_id"], batch.sparse["hist_items"].reshape(-1)]).tolist()) - {0}
     assert touched == expected
+
+
+def test_progressive_nn_starts_as_the_pretrained_model_and_learns_laterals(tiny_data, tmp_path):
+    """ProgressiveNN: with ``U = 0`` the fine-tuned column is the pre-trained model; training moves
+    the fine-tuned column and the lateral connections, never the frozen column, and the trained
+    model reads the frozen column through them."""
+    ds = CTRDataset.load(tiny_data)
+    specs = {d: ds.domain(d).spec for d in ds.domains}
+    mcfg, tc = ModelConfig(backbone="dcn", deep=(32, 16)), TrainConfig(epochs=2, batch_size=512, sparse_lr=0.01)
+    target, valid = load(ds, "target", "train"), load(ds, "target", "valid")
+    src = get_method("source_only")
+    pre = fit_local(src, src.stages[0], specs, mcfg, tc, {"source": load(ds, "source", "train")}, valid)
+    path = tmp_path / "pre.pt"
+    torch.save(pre.model.state_dict(), path)
+    m = get_method("progressive_nn")
+    model, _ = build_stage_model(m, m.stage("progressive"), specs, mcfg, str(path))
+    model.eval()
+    pre.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(valid), pre.model(valid), atol=1e-5)
+    res = fit_local(m, m.stage("progressive"), specs, mcfg, tc, {"target": target}, valid, upstream=str(path))
+    trained, w0 = res.model.state_dict(), pre.model.state_dict()
+    assert all(torch.equal(trained[f"pre.{k}"], v) for k, v in w0.items())  # the frozen column
+    assert distance({k[5:]: v for k, v in trained.items() if k.startswith("fine.")}, w0, "backbone.") > 0
+    assert all(float(lat.u.weight.detach().abs().sum()) > 0 for lat in [*res.model.lateral, res.model.lateral_head])
+    assert res.best_valid_auc > 0.6
+    res.model.eval()
+    with torch.no_grad():
+        out = res.model(valid)
+        for lat in [*res.model.lateral, res.model.lateral_head]:
+            lat.u.weight.zero_()
+        assert not torch.allclose(res.model(valid), out, atol=1e-4)  # the laterals carry the frozen column
+    with pytest.raises(SpecError, match="progressive_nn"):
+        build_stage_model(m, m.stage("progressive"), specs, ModelConfig(backbone="deepfm", embedding_dim=8), None)

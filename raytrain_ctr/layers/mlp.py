@@ -50,8 +50,9 @@ class DeepLayer(nn.Module):
         self.act = nn.ReLU()
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
 
-    def forward(self, h):
-        h = self.linear(h)
+    def forward(self, h, lateral=None):
+        """``lateral``: a term added before the nonlinearity (ProgressiveNN's lateral connection)."""
+        h = self.linear(h) if lateral is None else self.linear(h) + lateral
         return self.dropout(self.act(self.norm(h) if self.norm is not None else h))
 
 

@@ -6,7 +6,16 @@ import difflib
 
 from raytrain_ctr.methods.autoft import AutoFT, SpotTune
 from raytrain_ctr.methods.base import Input, Method, Stage, StageContext, StageHooks, Window, bce
-from raytrain_ctr.methods.baselines import KEEP, L2SP, All, DINMethod, FineTune, SourceOnly, TargetOnly
+from raytrain_ctr.methods.baselines import (
+    KEEP,
+    L2SP,
+    All,
+    DINMethod,
+    FineTune,
+    ProgressiveNN,
+    SourceOnly,
+    TargetOnly,
+)
 from raytrain_ctr.methods.cctl import CCTL
 from raytrain_ctr.methods.cdanet import CDAnet
 from raytrain_ctr.methods.e_cdctr import ECDCTR
@@ -14,9 +23,9 @@ from raytrain_ctr.methods.joint import STAR, CoNet, MMoENet, PLENet, ShareBottom
 from raytrain_ctr.methods.mkt import MKT
 from raytrain_ctr.spec import SpecError, check_keys
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (TargetOnly, SourceOnly, All, FineTune, L2SP, KEEP, AutoFT,
-                                                         SpotTune, ShareBottom, MMoENet, PLENet, STAR, CoNet, CDAnet,
-                                                         CCTL, DINMethod, MKT, ECDCTR)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (TargetOnly, SourceOnly, All, FineTune, L2SP, ProgressiveNN,
+                                                         KEEP, AutoFT, SpotTune, ShareBottom, MMoENet, PLENet, STAR,
+                                                         CoNet, CDAnet, CCTL, DINMethod, MKT, ECDCTR)}
 
 
 def get_method(name: str, args: dict | None = None) -> Method:

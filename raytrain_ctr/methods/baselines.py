@@ -9,6 +9,12 @@
 * **L2-SP** (Xuhong et al. 2018): Fine-Tune plus ``α/2·‖W − W^S‖²`` toward the pre-trained
   weights. Embedding rows are penalised only where the step's batches touch them (sparse),
   never the whole table each step.
+* **ProgressiveNN** (Rusu et al. 2016; AutoFT §4.2): the frozen pre-trained column and a column
+  fine-tuned from it; each deep layer of the fine-tuned column also reads, through a lateral
+  connection, the pre-trained column's previous layer: ``h_l = ReLU(W_l h_{l−1} + b_l +
+  U_l ReLU(a_l · h^S_{l−1}))``, and the prediction layer reads the pre-trained column's last
+  representation the same way (Rusu et al. eq. 2, without the dimension-reducing ``V``). ``U``
+  starts at zero (the model starts as Fine-Tune), ``a`` at 1.
 * **KEEP-style plug-in** (Zhang et al. 2022): the pre-trained user and item embeddings are
   frozen and plugged into a target model as extra features.
 * **DIN** (Zhou et al. 2018; a single-domain baseline of MKT's Table 2): the target alone, its
@@ -24,7 +30,7 @@ from torch import nn
 from raytrain_ctr.batch import Batch
 from raytrain_ctr.layers.inputs import embedding_for
 from raytrain_ctr.methods.base import Input, Method, Stage, StageContext, StageHooks
-from raytrain_ctr.models.backbones import Backbone, CTRModel
+from raytrain_ctr.models.backbones import Backbone, CTRModel, build_model
 from raytrain_ctr.models.din import DIN
 from raytrain_ctr.spec import FieldSpec, SpecError, TableSpec, merge_tables
 
@@ -116,6 +122,72 @@ class L2SP(FineTune):
 
     def finetune_hooks(self) -> StageHooks:
         return L2SPHooks(float(self.args["alpha"]))
+
+
+def column(backbone: Backbone, x0: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """A backbone's inputs to each deep layer and to its prediction layer (``[x0, h_1, …]``, ``h``)."""
+    hs = [x0]
+    for layer in backbone.deep:
+        hs.append(layer(hs[-1]))
+    if not len(backbone.cross):
+        return hs[:-1], hs[-1]
+    xc = x0
+    for layer in backbone.cross:
+        xc = layer(x0, xc)
+    return hs[:-1], torch.cat([xc, hs[-1]], dim=-1)
+
+
+class Lateral(nn.Module):
+    """``U ReLU(a · h)`` (Rusu et al. eq. 2): ``U`` starts at zero, so the column starts unchanged."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.a = nn.Parameter(torch.ones(()))
+        self.u = nn.Linear(in_dim, out_dim, bias=False)
+        nn.init.zeros_(self.u.weight)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.u(F.relu(self.a * h))
+
+
+class ProgressiveModel(nn.Module):
+    """The frozen pre-trained column ``pre``, the fine-tuned column ``fine``, and the lateral
+    connections from each of ``pre``'s layers into the next layer of ``fine``."""
+
+    def __init__(self, pre: CTRModel, fine: CTRModel):
+        super().__init__()
+        if fine.backbone.linear is not None:
+            raise SpecError("method 'progressive_nn': lateral connections join deep layers; use backbone dnn, "
+                            "dcn or dcnv2")
+        self.pre, self.fine = pre, fine
+        backbone = fine.backbone
+        self.lateral = nn.ModuleList(Lateral(layer.linear.in_features, layer.linear.out_features)
+                                     for layer in backbone.deep)
+        self.lateral_head = Lateral(backbone.head.in_features, 1)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        hs, h = column(self.pre.backbone, self.pre.inputs(batch)[0])
+        deep = [lambda x, l=l, layer=layer: layer(x, self.lateral[l](hs[l]))
+                for l, layer in enumerate(self.fine.backbone.deep)]
+        return self.fine.backbone(*self.fine.inputs(batch), deep=deep) + self.lateral_head(h).squeeze(-1)
+
+
+class ProgressiveHooks(StageHooks):
+    def build(self, ctx: StageContext) -> nn.Module:
+        specs = list(ctx.specs.values())
+        return ProgressiveModel(build_model(specs, ctx.model_cfg), build_model(specs, ctx.model_cfg))
+
+
+class ProgressiveNN(Method):
+    name = "progressive_nn"
+    description = "a column fine-tuned from the pre-trained one, with lateral connections from the frozen column"
+    arg_defaults = {"pretrain": "source"}
+
+    @property
+    def stages(self) -> list[Stage]:
+        both = {"pre": Input("pretrain", into="pre."), "fine": Input("pretrain", into="fine.")}
+        return [pretrain_stage(self.args), Stage("progressive", ("target",), inputs=both, freeze=("pre.*",),
+                                                 hooks=ProgressiveHooks())]
 
 
 class PlugInModel(CTRModel):
