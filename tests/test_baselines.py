@@ -89,3 +89,28 @@ def test_progressive_nn_starts_as_the_pretrained_model_and_learns_laterals(tiny_
         assert not torch.allclose(res.model(valid), out, atol=1e-4)  # the laterals carry the frozen column
     with pytest.raises(SpecError, match="progressive_nn"):
         build_stage_model(m, m.stage("progressive"), specs, ModelConfig(backbone="deepfm", embedding_dim=8), None)
+
+
+def test_lr_is_logistic_regression_and_learns(tiny_data):
+    """``lr``: a weight per id (tables at dim 1, pooled sequences a mean of weights) and per dense
+    value into one linear layer, whatever ``model.deep`` / ``cross_layers`` / ``embedding_dim`` say."""
+    ds = CTRDataset.load(tiny_data)
+    specs = {d: ds.domain(d).spec for d in ds.domains}
+    m = get_method("lr")
+    cfg = ModelConfig(backbone="dcn", deep=(64, 32), cross_layers=2, embedding_dim=16)
+    model, _ = build_stage_model(m, m.stages[0], specs, cfg, None)
+    tables = model.embedding.tables
+    assert all(t.weight.shape[1] == 1 for t in tables.values())
+    n_inputs = len(model.pooled_names) + len(model.dense_fields)
+    assert model.backbone.head.in_features == n_inputs
+    assert not len(model.backbone.deep) and not len(model.backbone.cross)
+    assert sum(p.numel() for p in model.parameters()) == sum(t.weight.numel() for t in tables.values()) + n_inputs + 1
+    tc = TrainConfig(epochs=2, batch_size=512, lr=0.01, sparse_lr=0.05)
+    valid = load(ds, "target", "valid")
+    target = {"target": load(ds, "target", "train")}
+    res = fit_local(m, m.stages[0], specs, cfg, tc, target, valid)
+    dcn = get_method("target_only")
+    dcn_auc = fit_local(dcn, dcn.stages[0], specs, cfg, tc, target, valid).best_valid_auc
+    # ids' and features' main effects only: well above chance, below the DCN that also learns the planted
+    # user-item preference (an interaction)
+    assert 0.55 < res.best_valid_auc < dcn_auc, (res.best_valid_auc, dcn_auc)

@@ -9,6 +9,7 @@ from raytrain_ctr.methods.base import Input, Method, Stage, StageContext, StageH
 from raytrain_ctr.methods.baselines import (
     KEEP,
     L2SP,
+    LR,
     All,
     DINMethod,
     FineTune,
@@ -23,7 +24,7 @@ from raytrain_ctr.methods.joint import STAR, CoNet, MMoENet, PLENet, ShareBottom
 from raytrain_ctr.methods.mkt import MKT
 from raytrain_ctr.spec import SpecError, check_keys
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (TargetOnly, SourceOnly, All, FineTune, L2SP, ProgressiveNN,
+METHODS: dict[str, type[Method]] = {m.name: m for m in (TargetOnly, LR, SourceOnly, All, FineTune, L2SP, ProgressiveNN,
                                                          KEEP, AutoFT, SpotTune, ShareBottom, MMoENet, PLENet, STAR,
                                                          CoNet, CDAnet, CCTL, DINMethod, MKT, ECDCTR)}
 

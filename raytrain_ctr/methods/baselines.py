@@ -1,6 +1,8 @@
 """The baselines the papers compare against (AutoFT §4.2).
 
 * **Target-only**: train and test on the target domain.
+* **LR**: Target-only with logistic regression (backbone ``lr``: every table at dim 1, no cross or
+  deep layers; the prediction layer over the ids' weights and the dense values).
 * **Source-only**: train on the source, test on the target.
 * **All**: train on source and target together, test on the target.
 * **Fine-Tune** (Yosinski et al. 2014): initialise from a pre-trained model (Source-only or
@@ -22,6 +24,8 @@
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +61,20 @@ class Plain(Method):
 class TargetOnly(Plain):
     name, domains = "target_only", ("target",)
     description = "train and test on the target domain"
+
+
+class LRHooks(StageHooks):
+    def build(self, ctx: StageContext) -> nn.Module:
+        return build_model(list(ctx.specs.values()), replace(ctx.model_cfg, backbone="lr"))
+
+
+class LR(Method):
+    name = "lr"
+    description = "logistic regression on the target domain (the DNN's one-layer special case)"
+
+    @property
+    def stages(self) -> list[Stage]:
+        return [Stage("train", ("target",), hooks=LRHooks())]
 
 
 class SourceOnly(Plain):

@@ -1,4 +1,4 @@
-"""Single-domain CTR backbones over the embedding interface: DNN, DeepFM, DCN, DCN-V2.
+"""Single-domain CTR backbones over the embedding interface: DNN, DeepFM, DCN, DCN-V2, and LR.
 
 Every backbone maps ``x_0`` (the concatenated field embeddings and dense features,
 AutoFT eq. 4) and ``v`` (field embeddings stacked ``[B, F, D]``, for FM) to a logit.
@@ -21,7 +21,7 @@ from raytrain_ctr.layers.interaction import CrossLayer, CrossLayerV2, fm_interac
 from raytrain_ctr.layers.mlp import DeepLayer
 from raytrain_ctr.spec import DomainSpec, SpecError, checked
 
-BACKBONES = ("dnn", "deepfm", "dcn", "dcnv2")
+BACKBONES = ("dnn", "deepfm", "dcn", "dcnv2", "lr")
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,9 @@ class ModelConfig:
                                                                int, 1))
         if self.backbone not in BACKBONES:
             raise SpecError(f"model.backbone: unknown backbone '{self.backbone}' (one of {list(BACKBONES)})")
+        if self.backbone == "lr":  # logistic regression: the DNN's one-layer special case, a weight per id
+            for key, value in (("deep", ()), ("cross_layers", 0), ("embedding_dim", 1)):
+                object.__setattr__(self, key, value)
         if self.embedding_backend not in BACKENDS:
             raise SpecError(f"model.embedding_backend: unknown backend '{self.embedding_backend}' "
                             f"(one of {list(BACKENDS)})")
