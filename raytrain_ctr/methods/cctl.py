@@ -250,7 +250,7 @@ class CCTLHooks(StageHooks):
 
     def row_rewards(self, model: CCTLModel, v: torch.Tensor, source: Batch) -> torch.Tensor | None:
         """``reward: row``: each source row's ``−L(y_i, f(x_i; Θ_pure))`` (see the module docstring)."""
-        if self.args["reward"] != "row":
+        if not self.args["ifn"] or self.args["reward"] != "row":
             return None
         with torch.no_grad():
             return -bce_rows(model.pure.head(v), source.label)
