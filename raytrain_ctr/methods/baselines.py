@@ -142,19 +142,6 @@ class L2SP(FineTune):
         return L2SPHooks(float(self.args["alpha"]))
 
 
-def column(backbone: Backbone, x0: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """A backbone's inputs to each deep layer and to its prediction layer (``[x0, h_1, …]``, ``h``)."""
-    hs = [x0]
-    for layer in backbone.deep:
-        hs.append(layer(hs[-1]))
-    if not len(backbone.cross):
-        return hs[:-1], hs[-1]
-    xc = x0
-    for layer in backbone.cross:
-        xc = layer(x0, xc)
-    return hs[:-1], torch.cat([xc, hs[-1]], dim=-1)
-
-
 class Lateral(nn.Module):
     """``U ReLU(a · h)`` (Rusu et al. eq. 2): ``U`` starts at zero, so the column starts unchanged."""
 
@@ -184,7 +171,8 @@ class ProgressiveModel(nn.Module):
         self.lateral_head = Lateral(backbone.head.in_features, 1)
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        hs, h = column(self.pre.backbone, self.pre.inputs(batch)[0])
+        hs: list[torch.Tensor] = []  # the frozen column's input to each deep layer
+        h = self.pre.backbone.representation(self.pre.inputs(batch)[0], taps=hs)
         deep = [lambda x, l=l, layer=layer: layer(x, self.lateral[l](hs[l]))
                 for l, layer in enumerate(self.fine.backbone.deep)]
         return self.fine.backbone(*self.fine.inputs(batch), deep=deep) + self.lateral_head(h).squeeze(-1)

@@ -75,19 +75,27 @@ class Backbone(nn.Module):
         self.head = nn.Linear((in_dim if cross else 0) + deep_out, 1)  # eq. 7
         self.linear = nn.Linear(in_dim, 1, bias=False) if cfg.backbone == "deepfm" else None
 
-    def forward(self, x0: torch.Tensor, v: torch.Tensor | None = None, deep: Sequence[Callable] | None = None,
-                cross: Sequence[Callable] | None = None) -> torch.Tensor:
-        """The logit. ``deep`` / ``cross`` replace the layers by callables of the same signature
-        (AutoFT routes each layer between a frozen and a fine-tuned copy, eqs. 11–12)."""
+    def representation(self, x0: torch.Tensor, deep: Sequence[Callable] | None = None,
+                       cross: Sequence[Callable] | None = None, taps: list | None = None) -> torch.Tensor:
+        """What the prediction layer reads: the cross and deep layers' outputs. ``deep`` / ``cross``
+        replace the layers by callables of the same signature (AutoFT routes each layer between a
+        frozen and a fine-tuned copy, eqs. 11–12); ``taps`` collects each deep layer's input."""
         h = x0
         for layer in deep if deep is not None else self.deep:  # eq. 6
+            if taps is not None:
+                taps.append(h)
             h = layer(h)
         if len(self.cross):
             xc = x0
             for layer in cross if cross is not None else self.cross:  # eq. 5
                 xc = layer(x0, xc)
             h = torch.cat([xc, h], dim=-1)
-        logit = self.head(h).squeeze(-1)
+        return h
+
+    def forward(self, x0: torch.Tensor, v: torch.Tensor | None = None, deep: Sequence[Callable] | None = None,
+                cross: Sequence[Callable] | None = None) -> torch.Tensor:
+        """The logit (``deep`` / ``cross``: see :meth:`representation`)."""
+        logit = self.head(self.representation(x0, deep, cross)).squeeze(-1)
         if self.linear is not None:  # DeepFM: first-order + FM second-order + deep
             logit = logit + self.linear(x0).squeeze(-1) + fm_interaction(v)
         return logit
