@@ -79,13 +79,16 @@ def test_channel_noise_is_whole_channels_and_row_noise_is_not():
     see); row noise is spread evenly over the channels; the labels of the clean rows are the same."""
     kw = {"rows": 20_000, "rows_per_shard": 20_000}
     by_channel = generate_shard(make_config("channel_noise", **kw), "source", 0).to_pandas()
-    by_row = generate_shard(make_config("tiny", noise_frac=1 / 3, **kw), "source", 0).to_pandas()
+    by_row = generate_shard(make_config("channel_noise", noise_by="row", **kw), "source", 0).to_pandas()
     share = by_channel.groupby("src_channel").is_noise.mean()
     assert share.loc[[1, 2]].eq(1).all() and share.loc[[3, 4, 5, 6]].eq(0).all()
     assert abs(by_channel.is_noise.mean() - 1 / 3) < 0.02
     assert by_row.groupby("src_channel").is_noise.mean().between(0.28, 0.39).all()
     clean = by_channel[~by_channel.is_noise]
     assert auc(clean.label, clean.true_prob) > 0.8
+    both = ~by_channel.is_noise & ~by_row.is_noise  # clean either way: the same draws, the same labels
+    assert both.sum() > 5_000 and by_channel.label[both].equals(by_row.label[both])
+    assert not by_channel.label.equals(by_row.label)
     with pytest.raises(SpecError, match="noise_by"):
         make_config("homogeneous", noise_by="channel")
     with pytest.raises(SpecError, match="noise_by"):
