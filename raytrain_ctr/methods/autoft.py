@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from raytrain_ctr.batch import Batch
-from raytrain_ctr.methods.base import Input, Method, Stage, StageContext, StageHooks
-from raytrain_ctr.methods.baselines import pretrain_stage
+from raytrain_ctr.methods.base import Method, Stage, StageContext, StageHooks
+from raytrain_ctr.methods.baselines import frozen_and_fine_tuned
 from raytrain_ctr.models.backbones import CTRModel, build_model
 from raytrain_ctr.spec import SpecError
 from raytrain_ctr.train.sync import all_reduce_sum
@@ -184,8 +184,7 @@ class AutoFT(Method):
         a = self.args
         hooks = AutoFTHooks(tuple(a["policies"]), int(a["policy_hidden"]), float(a["tau"]), float(a["tau_min"]),
                             float(a["anneal_rate"]), bool(a["policy_output_relu"]), self.name)
-        both = {"pre": Input("pretrain", into="pre."), "fine": Input("pretrain", into="fine.")}  # §3.2: equal copies
-        return [pretrain_stage(a), Stage(self.name, ("target",), inputs=both, freeze=("pre.*",), hooks=hooks)]
+        return frozen_and_fine_tuned(a, self.name, hooks)  # §3.2: equal copies
 
 
 class SpotTune(AutoFT):

@@ -48,6 +48,13 @@ def pretrain_stage(args: dict) -> Stage:
     return Stage("pretrain", PRETRAIN_DOMAINS[which], plain=True)
 
 
+def frozen_and_fine_tuned(args: dict, name: str, hooks: StageHooks) -> list[Stage]:
+    """Pre-training, then a target stage holding two copies of the pre-trained model: ``pre.``
+    frozen, ``fine.`` fine-tuned (AutoFT §3.2's equal copies; ProgressiveNN's two columns)."""
+    both = {"pre": Input("pretrain", into="pre."), "fine": Input("pretrain", into="fine.")}
+    return [pretrain_stage(args), Stage(name, ("target",), inputs=both, freeze=("pre.*",), hooks=hooks)]
+
+
 class Plain(Method):
     """One plain supervised stage on ``domains``, evaluated on the target."""
 
@@ -191,9 +198,7 @@ class ProgressiveNN(Method):
 
     @property
     def stages(self) -> list[Stage]:
-        both = {"pre": Input("pretrain", into="pre."), "fine": Input("pretrain", into="fine.")}
-        return [pretrain_stage(self.args), Stage("progressive", ("target",), inputs=both, freeze=("pre.*",),
-                                                 hooks=ProgressiveHooks())]
+        return frozen_and_fine_tuned(self.args, "progressive", ProgressiveHooks())
 
 
 class PlugInModel(CTRModel):
