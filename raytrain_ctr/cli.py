@@ -223,13 +223,27 @@ def cmd_tune(a: argparse.Namespace) -> None:
     from raytrain_ctr.tune import load_space, tune_method
 
     cfg = experiment(a)
-    # Measured on Ray 2.60: every finished trial leaves a 1-CPU placement group reserved until the
-    # sweep ends (2 trials → 2 still CREATED; a TorchTrainer.fit outside Tune releases its own), and
-    # a local Ray with 4 logical CPUs stalled after 4 trials. A local cluster gets room for them.
+    # Measured on Ray 2.60: a trial the scheduler stops leaves its worker group's 1-CPU placement group
+    # reserved until the sweep ends (tune.release_placement_groups frees them then), and a local Ray
+    # with 4 logical CPUs stalled after 4 such trials. A local cluster gets room for them.
     init_ray(extra_cpus=a.samples * (cfg.train.workers + 1))
     trials = tune_method(cfg, load_space(a.space, cfg.method), a.samples, a.max_concurrent, a.out)
     print((Path(a.out) / "tune_results.md").read_text())
     print(f"best: {trials[0] if trials else None}")
+
+
+def cmd_benchmark(a: argparse.Namespace) -> None:
+    from raytrain_ctr.benchmark import benchmark
+    from raytrain_ctr.compare import Entry, markdown
+    from raytrain_ctr.runtime import init_ray
+
+    cfg = experiment(a)
+    init_ray(extra_cpus=a.trials * (cfg.train.workers + 1))  # room for the sweeps' placement groups (cmd_tune)
+    command = shlex.join(["raytrain-ctr", *a.argv])
+    rows = benchmark(cfg, [Entry.parse(m) for m in a.methods], a.trials, a.seeds, a.out,
+                     max_concurrent=a.max_concurrent, grace_epochs=a.grace_epochs, command=command)
+    print(markdown(rows, f"tuned ({a.trials} trials each), target test metrics over seeds {a.seeds}"))
+    print(f"written: {a.out}/leaderboard.md, leaderboard.json, leaderboard.png")
 
 
 def cmd_probe(a: argparse.Namespace) -> None:
@@ -414,6 +428,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/tune", help="Tune results directory")
     s.set_defaults(func=cmd_tune)
 
+    s = sub.add_parser("benchmark", help="each method tuned (ASHA, equal trials), its best re-run over seeds, tested "
+                                         "against the best baseline → leaderboard")
+    with_config(s)
+    s.add_argument("--methods", nargs="+", required=True, help="METHOD or METHOD:key=value,... (fixed arguments)")
+    s.add_argument("--trials", type=int, default=8, help="trials per method, the same for all (default %(default)s)")
+    s.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4],
+                   help="seeds the chosen configurations re-run with (default %(default)s)")
+    s.add_argument("--max-concurrent", type=int, default=2, help="trials at once (default %(default)s)")
+    s.add_argument("--grace-epochs", type=int, default=1, help="epochs before ASHA may stop a trial")
+    s.add_argument("--out", default="runs/benchmark", help="leaderboard directory (an interrupted one resumes)")
+    s.set_defaults(func=cmd_benchmark)
+
     s = sub.add_parser("probe", help="CDAnet §5.3: the k nearest other-domain rows of translated latent features")
     with_config(s)
     s.add_argument("--k", type=int, default=5, help="neighbours per query row (default %(default)s)")
@@ -459,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args.func(args)
     except (SpecError, DataError, PipelineError, StateMismatchError, PackageError, MetricsError, ArtifactError,

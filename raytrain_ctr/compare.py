@@ -12,7 +12,7 @@ have one),
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +24,11 @@ from raytrain_ctr.config import ExperimentConfig
 
 @dataclass(frozen=True)
 class Entry:
+    """A method, its fixed arguments, and config ``overrides`` (dotted keys: a tuned configuration)."""
+
     method: str
     args: dict
+    overrides: dict = field(default_factory=dict)
 
     @classmethod
     def parse(cls, text: str) -> Entry:
@@ -41,6 +44,10 @@ class Entry:
         """``finetune(all)``; switches keep their names: ``cdanet(mmoe=False)``."""
         shown = [f"{k}={v}" if isinstance(v, bool) else str(v) for k, v in self.args.items()]
         return self.method + (f"({','.join(shown)})" if shown else "")
+
+    def config(self, base: ExperimentConfig, seed: int | None = None) -> ExperimentConfig:
+        cfg = base.with_overrides({"method": self.method, "method_args": self.args, **self.overrides})
+        return cfg if seed is None else cfg.with_overrides({"train.seed": seed, "name": f"{self.label}-s{seed}"})
 
 
 METRICS = (("test_auc", "AUC", True), ("test_logloss", "LogLoss", False), ("test_gauc", "GAUC", True))
@@ -67,21 +74,31 @@ def compare(base: ExperimentConfig, entries: list[Entry], seeds: list[int], out:
             reference: str | None = None) -> list[dict]:
     """Run every entry for every seed; write and return the per-entry summary rows, each with a
     paired t-test of its AUC against ``reference``'s (an entry's label; default the first entry)."""
+    rows, runs = run_entries(base, entries, seeds)
+    tested(rows, reference or entries[0].label)
+    write(rows, runs, base, seeds, out)
+    return rows
+
+
+def run_entries(base: ExperimentConfig, entries: list[Entry], seeds: list[int]) -> tuple[list[dict], list[dict]]:
+    """Every (entry, seed) run: the per-entry rows (each metric's values over the seeds) and the runs."""
     runs = []
     for e in entries:
         for seed in seeds:
-            cfg = base.with_overrides({"method": e.method, "method_args": e.args, "train.seed": seed,
-                                       "name": f"{e.label}-s{seed}"})
+            cfg = e.config(base, seed)
             final = pipeline.final_metrics(pipeline.run(cfg), cfg)
-            runs.append({"entry": e.label, "seed": seed, "artifact": final["artifact"],
+            runs.append({"entry": e.label, "seed": seed, "artifact": final["artifact"], "valid_auc": final["valid_auc"],
                          **{k: final[k] for k, _, _ in METRICS},
                          **({"by_activity": final["test_by_activity"]} if "test_by_activity" in final else {})})
     rows = []
     for e in entries:
         mine = [r for r in runs if r["entry"] == e.label]
-        rows.append({"entry": e.label, "n": len(mine),
-                     **{k: [r[k] for r in mine] for k, _, _ in METRICS}})
-    reference = reference or entries[0].label
+        rows.append({"entry": e.label, "n": len(mine), **{k: [r[k] for r in mine] for k, _, _ in METRICS}})
+    return rows, runs
+
+
+def tested(rows: list[dict], reference: str) -> None:
+    """Add to each row its paired t-tests (over seeds) against the row labelled ``reference``."""
     ref = next((r for r in rows if r["entry"] == reference), None)
     if ref is None:
         raise ValueError(f"reference '{reference}' is not one of the entries {[r['entry'] for r in rows]}")
@@ -89,8 +106,6 @@ def compare(base: ExperimentConfig, entries: list[Entry], seeds: list[int], out:
         r["reference"] = reference
         for k in TESTED:
             r[f"p_{k[5:]}"] = paired_p(r[k], ref[k])
-    write(rows, runs, base, seeds, out)
-    return rows
 
 
 def markdown(rows: list[dict], title: str) -> str:
@@ -133,14 +148,18 @@ def activity_markdown(runs: list[dict], entries: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(rows: list[dict], runs: list[dict], base: ExperimentConfig, seeds: list[int], out: str) -> None:
+def write(rows: list[dict], runs: list[dict], base: ExperimentConfig, seeds: list[int], out: str,
+          extra: str = "", **record: object) -> None:
+    """``leaderboard.md`` (the table, the activity breakdown, then ``extra``), ``leaderboard.json`` (the
+    runs, the rows, the config and ``record``) and ``leaderboard.png`` under ``out``."""
     path = Path(out)
     path.mkdir(parents=True, exist_ok=True)
     title = (f"target-domain test metrics, {Path(base.data).name}, backbone {base.model.backbone}, "
              f"seeds {seeds} (mean ± std)")
-    (path / "leaderboard.md").write_text(markdown(rows, title) + activity_markdown(runs, [r["entry"] for r in rows]))
-    (path / "leaderboard.json").write_text(json.dumps({"runs": runs, "rows": rows, "config": base.to_dict()},
-                                                      indent=2, default=str))
+    (path / "leaderboard.md").write_text(markdown(rows, title) + activity_markdown(runs, [r["entry"] for r in rows])
+                                         + extra)
+    (path / "leaderboard.json").write_text(json.dumps({"runs": runs, "rows": rows, "config": base.to_dict(),
+                                                       **record}, indent=2, default=str))
     plot(rows, path / "leaderboard.png", title)
 
 

@@ -104,6 +104,9 @@ class ExperimentConfig:
     # name for its own, "eval" for the valid/test splits (E-CDCTR's baselines on the last month: train: [-1, 0])
     windows: dict[str, Window] = field(default_factory=dict)
     roles: dict[str, str] = field(default_factory=dict)  # the data's domain playing each role: {source: video, ...}
+    # train-config keys of one stage, by stage name, over the stage's own overrides: a sweep tunes the last stage's
+    # learning rates while the stages upstream keep theirs (and their content-addressed artifacts)
+    stage_train: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.as_of is not None:
@@ -119,6 +122,20 @@ class ExperimentConfig:
             raise SpecError(f"roles: a mapping of role to domain name, e.g. {{source: video, target: game}}, "
                             f"got {self.roles!r}")
         check_keys(self.roles, ROLES, "roles")
+        if not isinstance(self.stage_train, dict) or not all(isinstance(v, dict) for v in self.stage_train.values()):
+            raise SpecError(f"stage_train: a mapping of stage name to train keys, e.g. {{finetune: {{lr: 0.001}}}}, "
+                            f"got {self.stage_train!r}")
+        for name, keys in self.stage_train.items():
+            check_keys(keys, _TRAIN, f"stage_train.{name}")
+            try:
+                replace(self.train, **keys)
+            except SpecError as e:
+                raise SpecError(f"stage_train.{name}: {e}") from e
+
+    def train_for(self, stage: str, overrides: dict[str, Any]) -> TrainConfig:
+        """A stage's train config: the run's, then the stage's own ``overrides``, then ``stage_train[stage]``."""
+        keys = {**overrides, **self.stage_train.get(stage, {})}
+        return replace(self.train, **keys) if keys else self.train
 
     def dataset(self) -> CTRDataset:
         """The data, its domains renamed to their roles."""
@@ -178,7 +195,8 @@ def from_dict(raw: dict, where: str = "config") -> ExperimentConfig:
             data=str(raw["data"]), method=raw["method"], method_args=dict(raw.get("method_args") or {}),
             model=ModelConfig(**model), train=TrainConfig(**train),
             storage=str(raw.get("storage", "runs")), name=raw.get("name"), as_of=raw.get("as_of"),
-            windows=dict(raw.get("windows") or {}), roles=dict(raw.get("roles") or {}))
+            windows=dict(raw.get("windows") or {}), roles=dict(raw.get("roles") or {}),
+            stage_train=raw.get("stage_train") or {})
     except TypeError as e:
         raise SpecError(f"{where}: {e}") from e
 

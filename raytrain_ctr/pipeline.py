@@ -42,7 +42,7 @@ from raytrain_ctr.lease import Lease, stage_lease
 from raytrain_ctr.methods import METHODS, Method, Stage, StageContext, get_method
 from raytrain_ctr.runtime import check_workers
 from raytrain_ctr.spec import SpecError, check_keys
-from raytrain_ctr.train.loop import METRICS_FILE, MODEL_FILE, StageJob, dataset_key, stage_train_config, train_stage
+from raytrain_ctr.train.loop import METRICS_FILE, MODEL_FILE, StageJob, dataset_key, train_stage
 from raytrain_ctr.train.metrics import Activity, MetricsError
 from raytrain_ctr.train.tracking import Progress
 from raytrain_ctr.windows import Window
@@ -136,9 +136,11 @@ def resolve_stages(cfg: ExperimentConfig, method: Method, dataset: CTRDataset | 
     input's load rule and upstream artifact (``latest`` inputs: the catalog's answer as of the date)."""
     as_of, cat, out = as_of_date(cfg), catalog(cfg), {}
     dataset = dataset or cfg.dataset()
+    for name in cfg.stage_train:  # a key for a stage the method does not have is a typo, not a no-op
+        method.stage(name)
     keys: dict[str, str] = {}
     for st in method.stages:
-        tc = asdict(stage_train_config(cfg, st.overrides))
+        tc = asdict(cfg.train_for(st.name, st.overrides))
         for k in NOT_IN_KEY:
             tc.pop(k)
         ident = {
@@ -237,7 +239,7 @@ def run_stage(cfg: ExperimentConfig, method: Method, dataset: CTRDataset, stage:
 
     fs, _ = resolve(storage_path(cfg))
     inputs = local_inputs(cfg, stage, resolved, command)
-    tc = stage_train_config(cfg, stage.overrides)
+    tc = cfg.train_for(stage.name, stage.overrides)
     from ray.data import DataContext
 
     DataContext.get_current().execution_options.preserve_order = tc.deterministic
@@ -390,7 +392,7 @@ def run(cfg: ExperimentConfig, stage: str | None = None, force: bool = False,
     stages = method.stages if stage is None else method.job(stage)
     for st in stages:
         check_stage_inputs(cfg, dataset, method, st)
-    for tc in {stage_train_config(cfg, st.overrides) for st in stages}:
+    for tc in {cfg.train_for(st.name, st.overrides) for st in stages}:
         check_workers(tc.workers, tc.resources_per_worker)
     fs, run_dir = resolve(storage_path(cfg, cfg.run_name))
     fs.create_dir(run_dir, recursive=True)

@@ -6,9 +6,14 @@ stages through the pipeline (content-addressed: trials that share them train the
 then fits the tuned stage's ``TorchTrainer`` with ``TuneReportCallback`` so every epoch's
 ``valid_auc`` reaches the scheduler.
 
+The ``train.*`` keys a trial samples are the tuned stage's alone (``stage_train``): the stages
+upstream keep the run's and are shared by every trial. ``model.*`` keys shape every stage (a
+fine-tuned model loads its pre-trained tables): trials that sample the same value share them.
+
 Search spaces are YAML: a key maps to ``{loguniform: [lo, hi]}``, ``{uniform: [lo, hi]}``,
-``{randint: [lo, hi]}``, ``{choice: [...]}`` or a fixed value. Methods add their own
-spaces (``SPACES``); ``common`` holds the keys every method shares.
+``{randint: [lo, hi]}``, ``{choice: [...]}`` or a fixed value. Each method declares the space of
+its own arguments next to them (``Method.search_space``); ``COMMON_SPACE`` holds the keys every
+method shares. An interrupted sweep resumes (``Tuner.restore``) without re-running finished trials.
 """
 
 from __future__ import annotations
@@ -20,45 +25,14 @@ import yaml
 
 from raytrain_ctr import pipeline
 from raytrain_ctr.config import ExperimentConfig
-from raytrain_ctr.methods import get_method
+from raytrain_ctr.methods import METHODS, get_method
 from raytrain_ctr.spec import SpecError
 
-SPACES: dict[str, dict[str, Any]] = {
-    "common": {"train.lr": {"loguniform": [1e-4, 3e-3]}, "train.sparse_lr": {"loguniform": [1e-3, 5e-2]},
-               "model.embedding_dim": {"choice": [8, 16, 32]}, "train.batch_size": {"choice": [512, 1024, 2048]}},
-    "l2sp": {"method_args.alpha": {"loguniform": [1e-5, 1e-1]}},
-    # AutoFT §3.3: Gumbel temperature and its annealing, policy width (eq. 9), learning rate
-    "autoft": {"method_args.tau": {"loguniform": [0.1, 5.0]}, "method_args.anneal_rate": {"choice": [0.0, 1e-4, 1e-3]},
-               "method_args.policy_hidden": {"choice": [16, 64, 256]},
-               "method_args.policy_output_relu": {"choice": [True, False]}},
-}
-SPACES["spottune"] = SPACES["autoft"]
-# The joint baselines' architecture (CDAnet §5.1.3 grid-searches it for every model)
-SPACES["share_bottom"] = {"method_args.d": {"choice": [32, 64, 128]}, "method_args.expert_depth": {"choice": [1, 2, 3]},
-                          "method_args.tower_depth": {"choice": [1, 2, 3]}}
-SPACES["mmoe"] = SPACES["ple"] = {**SPACES["share_bottom"], "method_args.experts": {"choice": [1, 2, 4, 8]}}
-SPACES["star"] = SPACES["conet"] = SPACES["share_bottom"]
-# CCTL §2 and §3.3: α (eq. 9, Figure 5(b)), γ, the sync period k, the selector period n, REN's weight, selector width;
-# the selection policy and the reward (options beyond the paper, methods/cctl.py)
-SPACES["cctl"] = {"method_args.alpha": {"uniform": [0.0, 1.0]}, "method_args.gamma": {"uniform": [0.5, 0.99]},
-                  "method_args.k": {"choice": [5, 20, 100]}, "method_args.n": {"choice": [5, 10, 50]},
-                  "method_args.ren_weight": {"loguniform": [1e-3, 1.0]},
-                  "method_args.selector_hidden": {"choice": [16, 64, 256]},
-                  "method_args.policy": {"choice": ["weight", "sample"]},
-                  "method_args.reward": {"choice": ["batch", "row"]}}
-# MKT §3.2–3.3: γ (eq. 13), d_HFA (eq. 8), the CKE's PLE experts and levels, the gate plugging MEM into TEM
-SPACES["mkt"] = {"method_args.gamma": {"loguniform": [1e-3, 1.0]}, "method_args.d_hfa": {"choice": [8, 16, 32, 64]},
-                 "method_args.experts": {"choice": [1, 2, 4]}, "method_args.specific_experts": {"choice": [1, 2]},
-                 "method_args.levels": {"choice": [1, 2]}, "method_args.d_cke": {"choice": [32, 64, 128]},
-                 "method_args.gate": {"choice": ["glu", "scalar", "linear"]}}
-SPACES["din"] = {"method_args.attention_hidden": {"choice": [[32], [64, 32], [80, 40]]}}
-# E-CDCTR §5.3: months of history (Table 5), the historical embeddings' dimension (Figure 4), BatchNorm
-# reloaded or not (Table 6), attention heads
-SPACES["e_cdctr"] = {"method_args.history": {"choice": [1, 2, 3]}, "method_args.tpm_dim": {"choice": [8, 16, 32]},
-                     "method_args.load": {"choice": ["all_but_bn", "all"]}, "method_args.heads": {"choice": [1, 2]}}
-# CDAnet §5.4.2 (Figure 6): α, β, K experts; and expert depth, tower depth, d
-SPACES["cdanet"] = {**SPACES["mmoe"], "method_args.alpha": {"loguniform": [1e-3, 1.0]},
-                    "method_args.beta": {"loguniform": [1e-3, 1.0]}}
+# what every method shares, tuned alike for baselines and methods (equal budgets): the learning rates, the tables'
+# width, the batch size
+COMMON_SPACE: dict[str, Any] = {
+    "train.lr": {"loguniform": [1e-4, 3e-3]}, "train.sparse_lr": {"loguniform": [1e-3, 5e-2]},
+    "model.embedding_dim": {"choice": [8, 16, 32]}, "train.batch_size": {"choice": [512, 1024, 2048]}}
 
 
 class TuneError(RuntimeError):
@@ -82,20 +56,34 @@ def to_tune(space: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_space(path: str | None, method: str) -> dict[str, Any]:
+def method_space(method: str, fixed: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The shared keys and the method's own (``method_args.*``), less the arguments ``fixed`` by the caller."""
+    own = {f"method_args.{k}": v for k, v in METHODS[get_method(method, fixed).name].search_space.items()
+           if k not in (fixed or {})}
+    return {**COMMON_SPACE, **own}
+
+
+def load_space(path: str | None, method: str, fixed: dict[str, Any] | None = None) -> dict[str, Any]:
     if path:
         raw = yaml.safe_load(Path(path).read_text())
         if not isinstance(raw, dict):
             raise SpecError(f"{path}: a search space is a mapping of config keys")
         return raw
-    return {**SPACES["common"], **SPACES.get(method, {})}
+    return method_space(method, fixed)
+
+
+def tuned_overrides(cfg: ExperimentConfig, params: dict[str, Any]) -> dict[str, Any]:
+    """A trial's sampled keys as config overrides: ``train.*`` keys go to the tuned (last) stage only."""
+    last = get_method(cfg.method, cfg.method_args).stages[-1].name
+    return {(f"stage_train.{last}.{k[6:]}" if k.startswith("train.") else k): v for k, v in params.items()}
 
 
 def _trial(params: dict[str, Any], base: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    cfg = ExperimentConfig.with_overrides(base["cfg"], {**params, "name": f"trial-{tune.get_context().get_trial_id()}"})
+    cfg = base["cfg"].with_overrides({**tuned_overrides(base["cfg"], params),
+                                      "name": f"trial-{tune.get_context().get_trial_id()}"})
     method = get_method(cfg.method, cfg.method_args)
     *upstream, last = method.stages
     for job in dict.fromkeys(s.job if s.job != last.job else s.name for s in upstream):  # transient stages skipped
@@ -105,27 +93,41 @@ def _trial(params: dict[str, Any], base: dict) -> None:
 
 def tune_method(cfg: ExperimentConfig, space: dict[str, Any], num_samples: int, max_concurrent: int,
                 out: str, grace_epochs: int = 1) -> list[dict]:
-    """Search ``space`` around ``cfg``; writes ``tune_results.md`` and returns the trials, best first."""
+    """Search ``space`` around ``cfg``, or resume the sweep an earlier call left unfinished in ``out``
+    (its finished trials are kept, not re-run); writes ``tune_results.md`` and returns the trials, best
+    first, each with its sampled keys, its last ``valid_auc``, its reports, and its ``test_auc`` (None
+    where ASHA stopped it early)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+    from ray.util import placement_group_table
 
     for key in space:  # fail before any trial on a key the config does not have
-        cfg.with_overrides({key: _sample_value(space[key])})
+        cfg.with_overrides(tuned_overrides(cfg, {key: _sample_value(space[key])}))
     cfg.dataset()
     # trials run in their own working directories: relative local paths must not reach them
     cfg = cfg.with_overrides({k: str(Path(v).absolute()) for k, v in (("data", cfg.data), ("storage", cfg.storage))
                               if "://" not in v})
-    # one report per epoch, then the stage's final report (test metrics, artifact): max_t leaves room for it
-    scheduler = ASHAScheduler(metric="valid_auc", mode="max", max_t=cfg.train.epochs + 1,
-                              grace_period=grace_epochs, time_attr="training_iteration")
-    tuner = tune.Tuner(
-        tune.with_parameters(_trial, base={"cfg": cfg}),
-        param_space=to_tune(space),
-        tune_config=tune.TuneConfig(num_samples=num_samples, max_concurrent_trials=max_concurrent,
-                                    scheduler=scheduler),
-        run_config=tune.RunConfig(name=f"tune-{cfg.method}", storage_path=str(Path(out).absolute())),
-    )
-    grid = tuner.fit()
+    trainable = tune.with_parameters(_trial, base={"cfg": cfg})
+    experiment = Path(out).absolute() / f"tune-{cfg.method}"
+    if tune.Tuner.can_restore(experiment):
+        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
+    else:
+        # one report per epoch, then the stage's final report (test metrics, artifact); max_t is one more, so a
+        # trial that runs every epoch ends by itself, never stopped by the scheduler at its final report
+        scheduler = ASHAScheduler(metric="valid_auc", mode="max", max_t=cfg.train.epochs + 2,
+                                  grace_period=grace_epochs, time_attr="training_iteration")
+        tuner = tune.Tuner(
+            trainable, param_space=to_tune(space),
+            tune_config=tune.TuneConfig(num_samples=num_samples, max_concurrent_trials=max_concurrent,
+                                        scheduler=scheduler,  # the same seed samples the same configurations
+                                        search_alg=BasicVariantGenerator(random_state=cfg.train.seed)),
+            run_config=tune.RunConfig(name=experiment.name, storage_path=str(experiment.parent)))
+    before = set(placement_group_table())
+    try:
+        grid = tuner.fit()
+    finally:
+        release_placement_groups(before)
     trials, failed = [], [r for r in grid if r.error is not None]
     if failed and len(failed) == len(grid):
         raise TuneError(f"every trial failed; the first: {failed[0].error}") from failed[0].error
@@ -133,7 +135,7 @@ def tune_method(cfg: ExperimentConfig, space: dict[str, Any], num_samples: int, 
         if r.error is not None or not r.metrics or r.metrics.get("valid_auc") is None:
             continue
         trials.append({"valid_auc": r.metrics.get("valid_auc"), "reports": r.metrics.get("training_iteration"),
-                       "test_auc": r.metrics.get("test_auc"),
+                       "test_auc": r.metrics.get("test_auc"), "trial_id": r.metrics.get("trial_id"),
                        **{k: r.config.get(k) for k in space}})
     trials.sort(key=lambda t: -(t["valid_auc"] or -1))
     lines = ["| valid AUC | test AUC | reports | " + " | ".join(space) + " |", "|---|---|---|" + "---|" * len(space)]
@@ -141,11 +143,27 @@ def tune_method(cfg: ExperimentConfig, space: dict[str, Any], num_samples: int, 
         test = "stopped early" if t["test_auc"] is None else f"{t['test_auc']:.4f}"
         lines.append(f"| {t['valid_auc']:.4f} | {test} | {t['reports']} | " + " | ".join(str(t[k]) for k in space)
                      + " |")
+    stopped = sum(t["test_auc"] is None for t in trials)
+    lines.append(f"\n{len(trials)} trials, {stopped} stopped early by ASHA")
     if failed:
         lines.append(f"\n{len(failed)} trial(s) failed, e.g. {failed[0].path}: {failed[0].error}")
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "tune_results.md").write_text("\n".join(lines) + "\n")
     return trials
+
+
+def release_placement_groups(before: set[str]) -> None:
+    """Remove the placement groups created since ``before`` that are still reserved. Measured on Ray 2.60: a
+    trial the scheduler stops (ASHA, or at ``max_t``) leaves its Train worker group's placement group reserved
+    after the sweep; without this, a local cluster runs out of CPUs a few sweeps later and the next trial
+    waits forever."""
+    import ray
+    from ray.util import placement_group_table, remove_placement_group
+    from ray.util.placement_group import PlacementGroup
+
+    for pg_id, pg in placement_group_table().items():
+        if pg_id not in before and pg["state"] == "CREATED":
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
 
 
 def _sample_value(spec: Any) -> Any:

@@ -9,9 +9,9 @@ import yaml
 from raytrain_ctr import pipeline
 from raytrain_ctr.config import from_dict, load_config, replace
 from raytrain_ctr.data.dataset import CTRDataset, DataError
-from raytrain_ctr.methods import get_method
+from raytrain_ctr.methods import METHODS, get_method
 from raytrain_ctr.spec import SpecError
-from raytrain_ctr.tune import SPACES, _sample_value, load_space
+from raytrain_ctr.tune import _sample_value, load_space, tuned_overrides
 
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 JOBS = sorted(p for p in CONFIGS.glob("*.yaml") if not p.stem.endswith("_space"))
@@ -21,6 +21,7 @@ def check(cfg, ds: CTRDataset) -> None:
     method = get_method(cfg.method, cfg.method_args)
     for st in method.stages:
         pipeline.check_stage_inputs(cfg, ds, method, st)
+    pipeline.resolve_stages(cfg, method, ds)  # every stage's key, and stage_train names stages the method has
 
 
 @pytest.mark.parametrize("path", JOBS, ids=lambda p: p.stem)
@@ -31,13 +32,13 @@ def test_every_job_config_and_variant_builds(path, tiny_data):
         check(load_config(path, variant).with_overrides({"data": tiny_data}), ds)
 
 
-@pytest.mark.parametrize("method", sorted(set(SPACES) - {"common"}))
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_search_space_key_applies(method, tiny_data):
     ds = CTRDataset.load(tiny_data)
     cfg = load_config(CONFIGS / "movielens.yaml").with_overrides({"data": tiny_data, "method": method,
                                                                    "as_of": "2024-06-01"})  # E-CDCTR's windows
     for key, spec in load_space(None, method).items():
-        check(cfg.with_overrides({key: _sample_value(spec)}), ds)
+        check(cfg.with_overrides(tuned_overrides(cfg, {key: _sample_value(spec)})), ds)
 
 
 def test_cdanet_sweep_space_file(tiny_data):

@@ -213,3 +213,35 @@ def test_on_s3_nothing_finished_is_lost(bucket, tmp_path, capsys):
     boto3.client("s3").put_object(Bucket=s3_location(bucket)[0], Key=upstream, Body=b"truncated")
     with pytest.raises(ArtifactError, match=rf"{bucket}/runs/stages/{pretrain}/model.pt has 9 bytes"):
         pipeline.run(cfg, stage="finetune", force=True)  # named before any worker starts
+
+
+def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tiny_data, tmp_path):
+    """Ctrl-C (SIGINT) to ``raytrain-ctr tune`` once its first trial finished, then the same command again: the
+    finished trial is kept as it was (not re-run), the others run (or are stopped by ASHA), and the table has
+    every trial."""
+    config = write_config(tmp_path / "exp.yaml", tiny_data, str(tmp_path / "runs"), "target_only", epochs=2)
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"train.lr": {"grid": [0.001, 0.002, 0.003]}}))
+    args = ("tune", "--config", str(config), "--space", str(space), "--samples", "1", "--max-concurrent", "1",
+            "--out", str(tmp_path / "tune"))
+    experiment = tmp_path / "tune" / "tune-target_only"
+
+    def finished() -> dict[str, str]:  # trial directory → its result.json, for trials that made their final report
+        return {p.parent.name: p.read_text() for p in experiment.glob("*/result.json") if '"test_auc"' in p.read_text()}
+
+    proc = cli(*args)
+    deadline = time.monotonic() + 900
+    while not finished() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(1)
+    assert proc.poll() is None, "the sweep ended before it could be interrupted"
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    code, out, err = finish(proc)
+    before = finished()
+    assert 1 <= len(before) < 3, (code, err[-2000:])
+    code, out, err = finish(cli(*args))
+    assert code == 0, err[-3000:]
+    after = {p.parent.name: p.read_text() for p in experiment.glob("*/result.json")}
+    assert len(after) == 3 and {k: after[k] for k in before} == before  # the finished trials untouched
+    table = (tmp_path / "tune" / "tune_results.md").read_text()
+    assert sum(line.startswith("| 0.") for line in table.splitlines()) == 3

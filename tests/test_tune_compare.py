@@ -8,7 +8,7 @@ import pytest
 from raytrain_ctr.compare import Entry, compare
 from raytrain_ctr.config import from_dict
 from raytrain_ctr.spec import SpecError
-from raytrain_ctr.tune import load_space, to_tune, tune_method
+from raytrain_ctr.tune import load_space, to_tune, tune_method, tuned_overrides
 
 
 def base(data: str, storage: str, method: str = "target_only"):
@@ -41,7 +41,9 @@ def test_tune_two_trials_with_asha(tiny_data, ray_local, tmp_path, monkeypatch):
     assert trials[0]["test_auc"] > 0.55  # the best trial ran to its final report (test metrics, artifact)
     assert trials[0]["valid_auc"] >= trials[1]["valid_auc"]
     table = (tmp_path / "tune" / "tune_results.md").read_text()
-    assert table.count("\n") == 4 and "train.lr" in table
+    stopped = sum(t["test_auc"] is None for t in trials)
+    assert sum(line.startswith("| 0.") for line in table.splitlines()) == 2 and "train.lr" in table
+    assert f"2 trials, {stopped} stopped early by ASHA" in table
     with pytest.raises(SpecError, match="unknown key 'lrr'; did you mean 'lr'"):
         tune_method(cfg, {"train.lrr": 0.1}, 1, 1, str(tmp_path / "t2"))
 
@@ -66,3 +68,55 @@ def test_the_paired_test_over_seeds():
     assert t == pytest.approx(3.651, abs=1e-3)  # the paired t statistic; two-sided p with 4 d.o.f.:
     assert paired_p(a, b) == pytest.approx(0.0217, abs=2e-4)  # between the tables' 0.05 (2.776) and 0.02 (3.747)
     assert paired_p(a, a) is None and paired_p(a[:1], b[:1]) is None
+
+
+def test_upstream_stages_are_shared_between_trials(tiny_data, ray_local, tmp_path):
+    """A sweep of Fine-Tune's learning rate tunes the fine-tuning stage alone: every trial reads the one
+    pre-trained artifact, trained once."""
+    from raytrain_ctr import pipeline
+    from raytrain_ctr.methods import get_method
+
+    cfg = base(tiny_data, str(tmp_path / "runs"), "finetune").with_overrides({"train.epochs": 1})
+    trials = tune_method(cfg, {"train.lr": {"grid": [0.001, 0.003]}}, 1, 1, str(tmp_path / "tune"))
+    assert len(trials) == 2
+    method = get_method("finetune")
+    keys = [pipeline.stage_keys(cfg.with_overrides(tuned_overrides(cfg, {"train.lr": t["train.lr"]})), method)
+            for t in trials]
+    assert keys[0]["pretrain"] == keys[1]["pretrain"] == pipeline.stage_keys(cfg, method)["pretrain"]
+    assert keys[0]["finetune"] != keys[1]["finetune"]
+    stages = sorted(p.name for p in (tmp_path / "runs" / "stages").iterdir())
+    assert stages.count(pipeline.artifact_name(method.stage("pretrain"), keys[0])) == 1
+    assert sum(name.startswith("plain-") for name in stages) == 1, stages  # no other pre-training
+
+
+def test_benchmark_protocol(tiny_data, ray_local, tmp_path):
+    """Each entry tuned with the same trials, its best configuration re-run over seeds, tested against the
+    best baseline; the chosen configuration reproduces its sweep's validation AUC when run alone."""
+    import json
+
+    from raytrain_ctr import pipeline
+    from raytrain_ctr.benchmark import benchmark
+
+    cfg = base(tiny_data, str(tmp_path / "runs"))
+    entries = [Entry.parse("lr"), Entry.parse("target_only")]
+    rows = benchmark(cfg, entries, trials=2, seeds=[0, 1], out=str(tmp_path / "bench"), max_concurrent=1,
+                     command="raytrain-ctr benchmark …")
+    assert [r["entry"] for r in rows] == ["lr", "target_only"]
+    assert all(r["n"] == 2 for r in rows)
+    best = max(rows, key=lambda r: sum(r["test_auc"]))
+    assert min(best["test_auc"]) > 0.6
+    assert {r["reference"] for r in rows} == {best["entry"]} and best["p_auc"] is None
+    record = json.loads((tmp_path / "bench" / "leaderboard.json").read_text())
+    assert record["reference"] == best["entry"] and record["trials"] == 2
+    for e in entries:
+        chosen = record["chosen"][e.label]
+        assert chosen["trials"] == 2 and set(chosen["params"]) >= {"train.lr", "train.sparse_lr"}
+        assert (tmp_path / "bench" / "tune" / e.label / "tune_results.md").is_file()
+    md = (tmp_path / "bench" / "leaderboard.md").read_text()
+    assert "chosen configurations" in md and "raytrain-ctr benchmark" in md and "| target_only |" in md
+    # the winner's configuration, run alone in fresh storage, lands where its sweep said
+    chosen = record["chosen"]["target_only"]
+    alone = Entry("target_only", {}, tuned_overrides(cfg, chosen["params"])).config(
+        cfg.with_overrides({"storage": str(tmp_path / "alone")}))
+    final = pipeline.final_metrics(pipeline.run(alone), alone)
+    assert final["valid_auc"] == pytest.approx(chosen["valid_auc"], abs=2e-3)

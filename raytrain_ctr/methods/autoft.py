@@ -178,6 +178,9 @@ class AutoFT(Method):
     description = "per-instance Gumbel-softmax routing between frozen pre-trained and fine-tuned fields and layers"
     arg_defaults: dict[str, Any] = {"pretrain": "source", "policies": POLICIES, "tau": 1.0, "tau_min": 0.1,
                                     "anneal_rate": 0.0, "policy_hidden": 64, "policy_output_relu": True}
+    # §3.3: the Gumbel temperature and its annealing, the policy network's width (eq. 9), and eq. 9's outer ReLU
+    search_space = {"tau": {"loguniform": [0.1, 5.0]}, "anneal_rate": {"choice": [0.0, 1e-4, 1e-3]},
+                    "policy_hidden": {"choice": [16, 64, 256]}, "policy_output_relu": {"choice": [True, False]}}
 
     @property
     def stages(self) -> list[Stage]:
@@ -191,6 +194,7 @@ class SpotTune(AutoFT):
     name = "spottune"
     description = "layer-wise routing only (cross and deep layers), embeddings fine-tuned (AutoFT §4.2)"
     arg_defaults = {**AutoFT.arg_defaults, "policies": ("cross", "deep")}
+    baseline = True  # AutoFT Table 3
 
 
 def policy_report(model: AutoFTModel) -> dict[str, Any]:

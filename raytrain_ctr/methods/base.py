@@ -188,11 +188,16 @@ class Stage:
 
 
 class Method(ABC):
-    """A method: its name, its arguments and their defaults, and its ``stages``."""
+    """A method: its name, its arguments and their defaults, its ``stages``, and the search space of
+    its arguments (what its paper tunes or studies; ``raytrain_ctr.tune`` adds the keys every method shares)."""
 
     name: str = ""
     description: str = ""
     arg_defaults: dict[str, Any] = {}
+    # argument → distribution, in the search-space YAML's form: {loguniform: [lo, hi]}, {choice: [...]}, …
+    search_space: dict[str, Any] = {}
+    baseline: bool = False  # one of the baselines the papers compare against (a benchmark tests each method
+    #                         against the best of them)
 
     def __init__(self, **args: Any):
         self.args = {**self.arg_defaults, **args}

@@ -59,6 +59,7 @@ class Plain(Method):
     """One plain supervised stage on ``domains``, evaluated on the target."""
 
     domains: tuple[str, ...] = ()
+    baseline = True
 
     @property
     def stages(self) -> list[Stage]:
@@ -78,6 +79,7 @@ class LRHooks(StageHooks):
 class LR(Method):
     name = "lr"
     description = "logistic regression on the target domain (the DNN's one-layer special case)"
+    baseline = True
 
     @property
     def stages(self) -> list[Stage]:
@@ -98,6 +100,7 @@ class FineTune(Method):
     name = "finetune"
     description = "pre-train (source or all), then fine-tune on the target (every parameter unless frozen)"
     arg_defaults = {"pretrain": "source", "freeze": ()}
+    baseline = True
 
     @property
     def stages(self) -> list[Stage]:
@@ -144,6 +147,7 @@ class L2SP(FineTune):
     name = "l2sp"
     description = "fine-tune with an L2 penalty toward the pre-trained weights"
     arg_defaults = {"pretrain": "source", "freeze": (), "alpha": 1e-3}
+    search_space = {"alpha": {"loguniform": [1e-5, 1e-1]}}  # the penalty's weight (Li et al., 2018, eq. 3)
 
     def finetune_hooks(self) -> StageHooks:
         return L2SPHooks(float(self.args["alpha"]))
@@ -195,6 +199,7 @@ class ProgressiveNN(Method):
     name = "progressive_nn"
     description = "a column fine-tuned from the pre-trained one, with lateral connections from the frozen column"
     arg_defaults = {"pretrain": "source"}
+    baseline = True
 
     @property
     def stages(self) -> list[Stage]:
@@ -243,6 +248,7 @@ class KEEP(Method):
     name = "keep"
     description = "pre-trained user/item embeddings frozen and plugged into a target model"
     arg_defaults = {"pretrain": "source"}
+    baseline = True
 
     @property
     def stages(self) -> list[Stage]:
@@ -265,6 +271,8 @@ class DINMethod(Method):
     name = "din"
     description = "train and test on the target domain with DIN (target attention over the behaviour sequences)"
     arg_defaults = {"attention_hidden": (64, 32)}
+    baseline = True
+    search_space = {"attention_hidden": {"choice": [[32], [64, 32], [80, 40]]}}  # the activation unit's MLP
 
     @property
     def stages(self) -> list[Stage]:

@@ -379,6 +379,12 @@ class CCTL(Method):
     arg_defaults: dict[str, Any] = {"alpha": 1.0, "gamma": 0.8, "k": 20, "n": 10, "ren_weight": 0.1,
                                     "selector_hidden": 64, "selector_lr": 1e-3, "policy": "weight", "reward": "batch",
                                     **{s: True for s in SWITCHES}}
+    # §2 and §3.3: α (eq. 9, Figure 5(b)), γ, the sync period k, the selector period n, REN's weight, the
+    # selector's width; the selection policy and the reward (options beyond the paper, above)
+    search_space = {"alpha": {"uniform": [0.0, 1.0]}, "gamma": {"uniform": [0.5, 0.99]}, "k": {"choice": [5, 20, 100]},
+                    "n": {"choice": [5, 10, 50]}, "ren_weight": {"loguniform": [1e-3, 1.0]},
+                    "selector_hidden": {"choice": [16, 64, 256]}, "policy": {"choice": ["weight", "sample"]},
+                    "reward": {"choice": ["batch", "row"]}}
 
     @property
     def stages(self) -> list[Stage]:

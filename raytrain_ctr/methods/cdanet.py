@@ -36,7 +36,7 @@ from raytrain_ctr.layers.experts import Bottom, MMoE
 from raytrain_ctr.layers.inputs import DomainInputs
 from raytrain_ctr.layers.mlp import tower
 from raytrain_ctr.methods.base import Input, Method, Stage, StageContext, StageHooks, bce
-from raytrain_ctr.methods.joint import DOMAINS, JOINT_ARGS, tower_depth
+from raytrain_ctr.methods.joint import DOMAINS, JOINT_ARGS, MMoENet, tower_depth
 from raytrain_ctr.spec import SpecError
 
 SWITCHES = ("mmoe", "orth", "cross", "translation", "augmentation")
@@ -90,6 +90,8 @@ class CDAnet(Method):
     arg_defaults = {**{k: v for k, v in JOINT_ARGS.items() if k not in ("shared_embedding", "eval_domain")},
                     "alpha": 0.01, "beta": 0.1, "augment": "target", "aug_tower_depth": None,
                     **{s: True for s in SWITCHES}}
+    # §5.4.2 (Figure 6): α, β and K experts; the expert and tower depths and d, as for the joint baselines
+    search_space = {**MMoENet.search_space, "alpha": {"loguniform": [1e-3, 1.0]}, "beta": {"loguniform": [1e-3, 1.0]}}
 
     @property
     def served(self) -> str:

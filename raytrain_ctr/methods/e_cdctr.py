@@ -212,6 +212,10 @@ class ECDCTR(Method):
     arg_defaults = {"tpm_months": 6, "snapshots": 3, "history": 3, "tpm_fields": (), "tpm_deep": (64,),
                     "tpm_dim": None, "tpm_epochs": 1, "tpm_lr": 0.005, "tpm_sparse_lr": 0.05, "heads": 1,
                     "batch_norm": True, "tpm": True, "cpm": True, "load": "all_but_bn"}
+    # §5.3: months of history (Table 5), the historical embeddings' dimension (Figure 4), BatchNorm reloaded
+    # or not (Table 6), attention heads
+    search_space = {"history": {"choice": [1, 2, 3]}, "tpm_dim": {"choice": [8, 16, 32]},
+                    "load": {"choice": ["all_but_bn", "all"]}, "heads": {"choice": [1, 2]}}
 
     @property
     def stages(self) -> list[Stage]:

@@ -121,6 +121,10 @@ class Joint(Method):
     """One stage on source + target together, evaluated on ``eval_domain``."""
 
     arg_defaults = JOINT_ARGS
+    baseline = True
+    # the architecture, which CDAnet §5.1.3 grid-searches for every model
+    search_space = {"d": {"choice": [32, 64, 128]}, "expert_depth": {"choice": [1, 2, 3]},
+                    "tower_depth": {"choice": [1, 2, 3]}}
 
     @property
     def stages(self) -> list[Stage]:
@@ -148,6 +152,7 @@ class ShareBottom(Joint):
 class MMoENet(Joint):
     name = "mmoe"
     description = "joint: per-domain embeddings, shared experts with a gate per domain, a tower per domain"
+    search_space = {**Joint.search_space, "experts": {"choice": [1, 2, 4, 8]}}
 
     def network(self, d: int, dropout: float) -> nn.Module:
         a = self.args
@@ -158,6 +163,7 @@ class PLENet(Joint):
     name = "ple"
     description = "joint: per-domain embeddings, shared and per-domain experts (progressive extraction)"
     arg_defaults = {**JOINT_ARGS, "specific_experts": 1, "levels": 2}
+    search_space = MMoENet.search_space
 
     def network(self, d: int, dropout: float) -> nn.Module:
         a = self.args

@@ -321,6 +321,11 @@ class MKT(Method):
     name = "mkt"
     description = "multi-entity model (HFA, PLE common extractor, PDL) on mixed data, then a gated target model"
     arg_defaults = {**MEM_ARGS, **TEM_ARGS}
+    # §3.2–3.3: γ (eq. 13), d_HFA (eq. 8), the CKE's PLE experts and levels, the gate plugging MEM into TEM
+    search_space = {"gamma": {"loguniform": [1e-3, 1.0]}, "d_hfa": {"choice": [8, 16, 32, 64]},
+                    "experts": {"choice": [1, 2, 4]}, "specific_experts": {"choice": [1, 2]},
+                    "levels": {"choice": [1, 2]}, "d_cke": {"choice": [32, 64, 128]},
+                    "gate": {"choice": ["glu", "scalar", "linear"]}}
 
     @property
     def stages(self) -> list[Stage]:

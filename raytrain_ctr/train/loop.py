@@ -21,7 +21,7 @@ import json
 import os
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,10 +51,6 @@ from raytrain_ctr.train.tracking import peak_rss_mb, trackers
 
 MODEL_FILE = "model.pt"
 METRICS_FILE = "metrics.json"
-
-
-def stage_train_config(cfg: ExperimentConfig, overrides: dict[str, Any]) -> TrainConfig:
-    return replace(cfg.train, **overrides) if overrides else cfg.train
 
 
 def dataset_key(domain: str, split: str) -> str:
@@ -230,7 +226,7 @@ class StageJob:
 
     @property
     def train(self) -> TrainConfig:
-        return stage_train_config(self.cfg, self.stage.overrides)
+        return self.cfg.train_for(self.stage.name, self.stage.overrides)
 
 
 def train_stage(config: dict) -> None:
