@@ -30,13 +30,15 @@ from raytrain_ctr.spec import SpecError, check_keys, checked
 from raytrain_ctr.windows import Window
 
 SPARSE_OPTIMIZERS = ("adam", "adagrad", "rowwise_adagrad", "sgd")
+SELECT_ON = ("eval", "train")
 
 
 # each setting's type and range, checked on the driver before anything starts:
 # (kind, minimum, minimum excluded, upper bound excluded, None allowed)
 TRAIN_RULES: dict[str, tuple] = {
     "epochs": (int, 1), "batch_size": (int, 1), "lr": (float, 0, True), "sparse_lr": (float, 0, True, None, True),
-    "sparse_eps": (float, 0, True), "weight_decay": (float, 0), "patience": (int, 1), "seed": (int, 0),
+    "sparse_eps": (float, 0, True), "weight_decay": (float, 0), "embedding_l2": (float, 0), "patience": (int, 1),
+    "seed": (int, 0),
     "workers": (int, 1), "shuffle_buffer": (int, 0), "cache_mb": (int, 0), "max_failures": (int, 0),
     "deterministic": (bool,), "fail_once_at_epoch": (int, 0, False, None, True), "tensorboard": (bool,),
     "mlflow": (str, None, False, None, True), "progress": (bool,), "use_gpu": (bool,), "cpus_per_worker": (int, 1),
@@ -45,6 +47,9 @@ TRAIN_RULES: dict[str, tuple] = {
 # stage resumes on another worker count (DCP reshards its tables) and tracking can be switched on for a re-run
 NOT_IN_KEY = ("workers", "use_gpu", "cpus_per_worker", "max_failures", "fail_once_at_epoch", "cache_mb", "tensorboard",
               "mlflow", "progress")
+# settings added after stage keys were first written: at these values (the behaviour before them) they are left
+# out of the key, so every artifact trained before keeps its key
+ADDED_DEFAULTS = {"embedding_l2": 0.0, "select_on": "eval"}
 
 
 @dataclass(frozen=True)
@@ -56,7 +61,11 @@ class TrainConfig:
     sparse_optimizer: str = "adam"  # embedding tables: adam | adagrad | sgd (local), rowwise_adagrad (torchrec)
     sparse_eps: float = 1e-8        # Adam/Adagrad epsilon of the tables' optimizer
     weight_decay: float = 0.0       # dense parameters only
-    patience: int = 2               # early stopping on target-validation AUC
+    embedding_l2: float = 0.0       # ½·λ·‖e‖² of each embedding vector a step looks up, per row (train/step.py)
+    patience: int = 2               # early stopping on the selection AUC (select_on)
+    select_on: str = "eval"         # the epoch kept: best validation AUC of the stage's eval domain (the target), or
+    #                                 "train": of its train domains (mean; pre-training on the source picks its epoch
+    #                                 on the source's validation split, whether or not the domains share ids)
     seed: int = 0
     workers: int = 1
     use_gpu: bool = False           # one GPU per worker (NCCL, TorchRec's fused GPU kernels, pinned host batches)
@@ -80,6 +89,8 @@ class TrainConfig:
         if any(not isinstance(e, int) or e < 1 for e in edges) or edges != sorted(set(edges)):
             raise SpecError(f"train.activity_buckets: increasing click counts ≥ 1, got {edges}")
         object.__setattr__(self, "activity_buckets", tuple(edges))
+        if self.select_on not in SELECT_ON:
+            raise SpecError(f"train.select_on: '{self.select_on}' is not one of {list(SELECT_ON)}")
         if self.sparse_optimizer not in SPARSE_OPTIMIZERS:
             raise SpecError(f"train.sparse_optimizer: unknown optimizer '{self.sparse_optimizer}' "
                             f"(one of {list(SPARSE_OPTIMIZERS)})")

@@ -35,14 +35,14 @@ import torch
 
 from raytrain_ctr.artifacts import ArtifactError, commit, verify
 from raytrain_ctr.catalog import Catalog
-from raytrain_ctr.config import NOT_IN_KEY, ExperimentConfig, storage_path
+from raytrain_ctr.config import ADDED_DEFAULTS, NOT_IN_KEY, ExperimentConfig, storage_path
 from raytrain_ctr.data.dataset import CTRDataset, DataError, join, resolve
 from raytrain_ctr.data.ingest import CachedSplit, ExactlyOnceDataConfig, TimeWindow, read_split, user_clicks
 from raytrain_ctr.lease import Lease, stage_lease
 from raytrain_ctr.methods import METHODS, Method, Stage, StageContext, get_method
 from raytrain_ctr.runtime import check_workers
 from raytrain_ctr.spec import SpecError, check_keys
-from raytrain_ctr.train.loop import METRICS_FILE, MODEL_FILE, StageJob, dataset_key, train_stage
+from raytrain_ctr.train.loop import METRICS_FILE, MODEL_FILE, StageJob, dataset_key, selection_domains, train_stage
 from raytrain_ctr.train.metrics import Activity, MetricsError
 from raytrain_ctr.train.tracking import Progress
 from raytrain_ctr.windows import Window
@@ -143,6 +143,9 @@ def resolve_stages(cfg: ExperimentConfig, method: Method, dataset: CTRDataset | 
         tc = asdict(cfg.train_for(st.name, st.overrides))
         for k in NOT_IN_KEY:
             tc.pop(k)
+        for k, v in ADDED_DEFAULTS.items():
+            if tc[k] == v:
+                tc.pop(k)
         ident = {
             "data": cfg.data if "://" in cfg.data else str(Path(cfg.data).absolute()),
             "method": None if st.plain else [cfg.method, sorted((k, v) for k, v in method.args.items()
@@ -251,9 +254,10 @@ def run_stage(cfg: ExperimentConfig, method: Method, dataset: CTRDataset, stage:
                                                   shuffle_files=tc.shuffle_buffer > 0, seed=tc.seed,
                                                   cache_below_bytes=cache)
               for d in stage.train_domains}
-    for split in ("valid", "test"):
-        splits[dataset_key(stage.eval_domain, split)] = read_split(dataset, stage.eval_domain, split,
-                                                                   window=eval_window, cache_below_bytes=cache)
+    for domain, split in {(stage.eval_domain, "valid"), (stage.eval_domain, "test"),
+                          *((d, "valid") for d in selection_domains(stage, tc))}:
+        splits[dataset_key(domain, split)] = read_split(dataset, domain, split, window=eval_window,
+                                                        cache_below_bytes=cache)
     activity = None
     if tc.activity_buckets and dataset.domain(stage.eval_domain).spec.user_id:
         activity = Activity(*user_clicks(dataset, stage.eval_domain, train_window, cache), tc.activity_buckets)

@@ -29,10 +29,11 @@ from raytrain_ctr.methods import METHODS, get_method
 from raytrain_ctr.spec import SpecError
 
 # what every method shares, tuned alike for baselines and methods (equal budgets): the learning rates, the tables'
-# width, the batch size
+# width, the batch size, and the regularisation of id-heavy models (the looked-up rows' L2, dropout)
 COMMON_SPACE: dict[str, Any] = {
     "train.lr": {"loguniform": [1e-4, 3e-3]}, "train.sparse_lr": {"loguniform": [1e-3, 5e-2]},
-    "model.embedding_dim": {"choice": [8, 16, 32]}, "train.batch_size": {"choice": [512, 1024, 2048]}}
+    "model.embedding_dim": {"choice": [8, 16, 32]}, "train.batch_size": {"choice": [512, 1024, 2048]},
+    "train.embedding_l2": {"choice": [0.0, 1e-4, 1e-3, 1e-2]}, "model.dropout": {"choice": [0.0, 0.1, 0.3]}}
 
 
 class TuneError(RuntimeError):

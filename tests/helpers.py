@@ -39,13 +39,15 @@ def rename_domains(root: str, names: dict[str, str]) -> dict[str, str]:
     return {old: new for old, new in names.items()}
 
 
-def local_test_metrics(data: str, model_cfg: ModelConfig, artifact: str) -> tuple[dict, int]:
-    """The target-test metrics of a stage's saved ``model.pt``, recomputed in this process."""
+def local_test_metrics(data: str, model_cfg: ModelConfig, artifact: str, domain: str = "target",
+                       split: str = "test") -> tuple[dict, int]:
+    """The target-test metrics (or ``domain``'s ``split``'s) of a stage's saved ``model.pt``, recomputed in this
+    process."""
     ds = CTRDataset.load(data)
     model = build_model([ds.domain(d).spec for d in ds.domains], model_cfg)
     model.load_state_dict(torch.load(Path(artifact, "model.pt")))
     model.eval()
-    batch = load(ds, "target", "test")
+    batch = load(ds, domain, split)
     with torch.no_grad():
         probs = torch.sigmoid(model(batch)).numpy()
     return summarize(batch.label.numpy(), probs, batch.user.numpy()), len(batch)

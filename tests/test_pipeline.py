@@ -100,6 +100,26 @@ def test_killed_worker_resumes_from_checkpoint(tiny_data, ray_local, tmp_path):
     assert res["history"][0]["resumed_from_epoch"] is None and res["history"][1]["resumed_from_epoch"] == 1
 
 
+def test_pretraining_can_keep_its_epoch_on_its_own_domains_validation(tiny_data, ray_local, tmp_path):
+    """select_on: train — Source-only keeps the epoch of best *source*-validation AUC (recomputed here from the
+    saved model), reports the target's alongside, and is a different stage from the default's."""
+    cfg = config(tiny_data, str(tmp_path), "source_only", train={"epochs": 3, "patience": 3, "workers": 1,
+                                                                 "select_on": "train"})
+    res = pipeline.run(cfg)["train"]
+    hist = res["history"]
+    assert res["select_on"] == ["source"] and all("select_auc" in h for h in hist)
+    best = max(range(len(hist)), key=lambda i: hist[i]["select_auc"])
+    assert res["best_epoch"] == hist[best]["epoch"] and res["select_auc"] == hist[best]["select_auc"]
+    assert res["valid_auc"] == hist[best]["valid_auc"]  # the target's validation AUC at the kept epoch
+    source, _ = local_test_metrics(tiny_data, cfg.model, res["artifact"], "source", "valid")
+    assert source["auc"] == pytest.approx(res["select_auc"], abs=1e-6)
+    default = cfg.with_overrides({"train.select_on": "eval"})
+    method = get_method("source_only")
+    assert pipeline.stage_keys(default, method) != pipeline.stage_keys(cfg, method)
+    with pytest.raises(SpecError, match="train.select_on: 'source' is not one of"):
+        cfg.with_overrides({"train.select_on": "source"})
+
+
 def test_bad_config_and_method_names(tiny_data, tmp_path):
     with pytest.raises(SpecError, match="unknown method 'finetun'; did you mean 'finetune'"):
         get_method("finetun")

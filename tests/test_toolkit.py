@@ -35,7 +35,7 @@ from raytrain_ctr.spec import SpecError, merge_tables
 from raytrain_ctr.train.local import fit_local
 from raytrain_ctr.train.loop import build_stage_model, make_optimizers, train_step
 from raytrain_ctr.train.state import StateMismatchError, load_filtered
-from raytrain_ctr.train.step import DiscountedReturn, ParamGroup, copy_parameters
+from raytrain_ctr.train.step import DiscountedReturn, EmbeddingL2, ParamGroup, copy_parameters
 from raytrain_ctr.train.sync import GradientSync
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the toy methods travel to Ray workers by value
@@ -521,3 +521,44 @@ def test_per_row_weights_scale_a_domains_loss(tiny_data):
     got = ctx.stage.hooks.loss(model, batches, ctx)
     plain = {d: bce(model(b), b.label) for d, b in batches.items()}
     assert torch.allclose(got, 0.5 * plain["source"] + plain["target"])
+
+
+def test_embedding_l2_penalises_the_rows_a_step_looks_up(tiny_data):
+    """The penalty is ½·λ·Σ‖e‖² of the vectors the main loss looked up (not of the evaluation's, nor of frozen
+    tables); a step with it shrinks the looked-up rows more than a step without, and moves no other row."""
+    ds, specs = tiny_specs(tiny_data)
+    batch = first_rows(ds, "target", 64)
+    m = toy_method(StageHooks())
+    tc = TrainConfig(lr=1e-3, sparse_lr=0.05, sparse_optimizer="sgd")
+    stepped = {}
+    for weight in (0.0, 50.0):
+        torch.manual_seed(0)
+        model, ctx = build_stage_model(m, m.stages[0], specs, MCFG)
+        reg = EmbeddingL2(model, weight)
+        with torch.no_grad():
+            looked_up = model.embedding(batch)
+        expected = 0.5 * weight * sum((v ** 2).sum() for v in looked_up.values())
+        with reg.recording():
+            ctx.stage.hooks.loss(model, {"target": batch}, ctx)
+        with torch.no_grad():
+            model(batch)  # outside the recording (an evaluation): not penalised
+        assert torch.allclose(reg.penalty(), expected) and reg.penalty() == 0  # the record is cleared once read
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        train_step(model, ctx, {"target": batch}, make_optimizers(model, tc, ctx),
+                   GradientSync(model, exclude=set()), reg if weight else None)
+        stepped[weight] = (before, model.state_dict())
+    (before, plain), (_, penalised) = stepped[0.0], stepped[50.0]
+    table = next(k for k in before if k.startswith("embedding.tables.") and "item" in k)
+    readers = [f.name for f in model.embedding.fields  # every field reading the table (the item and the history)
+               if f"embedding.tables.{f.table}.weight" == table and f.name in batch.sparse]
+    rows = torch.unique(torch.cat([batch.sparse[f].reshape(-1) for f in readers]))
+    rows = rows[rows > 0]
+    others = torch.ones(len(before[table]), dtype=torch.bool)
+    others[rows] = False
+    # the rows read as the item itself shrink (one read in a pooled history only is pulled toward a smaller
+    # mean, not necessarily toward zero)
+    item = next(f.name for f in model.embedding.fields if f.name in readers and f.type != "sequence")
+    direct = torch.unique(batch.sparse[item].reshape(-1))
+    direct = direct[direct > 0]
+    assert (penalised[table][direct].norm(dim=1) < plain[table][direct].norm(dim=1)).all()
+    assert torch.equal(penalised[table][others], before[table][others])

@@ -19,6 +19,7 @@ from raytrain_ctr.models.backbones import ModelConfig
 from raytrain_ctr.spec import DomainSpec
 from raytrain_ctr.train.device import place, stage_device
 from raytrain_ctr.train.loop import build_stage_model, evaluate, make_optimizers, train_step
+from raytrain_ctr.train.step import EmbeddingL2
 from raytrain_ctr.train.sync import GradientSync
 
 
@@ -47,6 +48,7 @@ def fit_local(method: Method, stage: Stage, specs: dict[str, DomainSpec], model_
     train, valid = {d: b.to(device) for d, b in train.items()}, valid.to(device)
     optimizers = make_optimizers(model, tc, ctx)
     sync = GradientSync(model, exclude=ctx.group_parameter_ids())
+    embedding_l2 = EmbeddingL2(model, tc.embedding_l2) if tc.embedding_l2 else None
     total = sum(len(b) for b in train.values())
     sizes = {d: max(1, round(tc.batch_size * len(b) / total)) for d, b in train.items()}
     gen = torch.Generator().manual_seed(tc.seed)
@@ -55,7 +57,8 @@ def fit_local(method: Method, stage: Stage, specs: dict[str, DomainSpec], model_
         chunks = {d: split_batches(b, sizes[d], gen) for d, b in train.items()}
         t0 = time.perf_counter()
         for step in range(max(len(c) for c in chunks.values())):
-            train_step(model, ctx, {d: c[step] for d, c in chunks.items() if step < len(c)}, optimizers, sync)
+            train_step(model, ctx, {d: c[step] for d, c in chunks.items() if step < len(c)}, optimizers, sync,
+                       embedding_l2)
         seconds = time.perf_counter() - t0
         metrics = evaluate(model, ctx, split_batches(valid, 8192), valid.user is not None, split="valid")
         history.append({"epoch": epoch, "train_seconds": seconds, **metrics})

@@ -16,6 +16,7 @@ empty batch until every worker is done.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -45,7 +46,7 @@ from raytrain_ctr.train import metrics as M
 from raytrain_ctr.train.checkpoint import STATE_FILE, restore, save_sharded, training_state
 from raytrain_ctr.train.device import place, stage_device, to_device
 from raytrain_ctr.train.state import freeze, load_filtered, train_mode
-from raytrain_ctr.train.step import GroupOptimizer
+from raytrain_ctr.train.step import EmbeddingL2, GroupOptimizer
 from raytrain_ctr.train.sync import GradientSync, all_reduce_sum, average_statistics, sparse_parameters, world_size
 from raytrain_ctr.train.tracking import peak_rss_mb, trackers
 
@@ -115,13 +116,15 @@ def build_stage_model(method: Method, stage: Stage, specs: dict[str, DomainSpec]
 
 
 def train_step(model: torch.nn.Module, ctx: StageContext, batches: dict[str, Batch],
-               optimizers: list[torch.optim.Optimizer], sync: GradientSync) -> tuple[float, int]:
+               optimizers: list[torch.optim.Optimizer], sync: GradientSync,
+               embedding_l2: EmbeddingL2 | None = None) -> tuple[float, int]:
     """One optimisation step over this worker's batches of the step (maybe none).
 
-    The loss is divided by the step's *global* row count and the gradients summed over
-    workers, so the update is that of the global mean loss; the stage's parameter groups take
-    no part in it. Then the stage's ``after_step`` hook. Returns (this worker's loss sum, the
-    global row count); nothing is done when no worker had rows left.
+    The loss (with ``embedding_l2``'s penalty of the step's lookups, summed over rows like it) is
+    divided by the step's *global* row count and the gradients summed over workers, so the update
+    is that of the global mean loss; the stage's parameter groups take no part in it. Then the
+    stage's ``after_step`` hook. Returns (this worker's loss sum, the global row count); nothing is
+    done when no worker had rows left.
     """
     hooks = ctx.stage.hooks
     n_local = sum(len(b) for b in batches.values())
@@ -131,8 +134,9 @@ def train_step(model: torch.nn.Module, ctx: StageContext, batches: dict[str, Bat
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     with ctx.main_loss():
-        step_loss = hooks.loss(model, batches, ctx) if batches else torch.zeros(())
-        loss = step_loss / n_global
+        with embedding_l2.recording() if embedding_l2 else contextlib.nullcontext():
+            step_loss = hooks.loss(model, batches, ctx) if batches else torch.zeros(())
+        loss = (step_loss + (embedding_l2.penalty() if embedding_l2 else 0.0)) / n_global
         penalty = hooks.penalty(model, batches, ctx)
         if penalty is not None:
             loss = loss + penalty / world_size()
@@ -221,12 +225,18 @@ class StageJob:
         rank, world = ctx.get_world_rank(), ctx.get_world_size()
         keys = {dataset_key(d, "train") for d in self.stage.train_domains}
         keys |= {dataset_key(self.stage.eval_domain, s) for s in ("valid", "test")}
+        keys |= {dataset_key(d, "valid") for d in selection_domains(self.stage, self.train)}
         return {k: self.cached[k].shard(rank, world) if k in self.cached else ray.train.get_dataset_shard(k)
                 for k in keys}
 
     @property
     def train(self) -> TrainConfig:
         return self.cfg.train_for(self.stage.name, self.stage.overrides)
+
+
+def selection_domains(stage: Stage, tc: TrainConfig) -> tuple[str, ...]:
+    """The domains whose validation AUC keeps the stage's best epoch (``train.select_on``)."""
+    return stage.train_domains if tc.select_on == "train" else (stage.eval_domain,)
 
 
 def train_stage(config: dict) -> None:
@@ -246,6 +256,7 @@ def train_stage(config: dict) -> None:
     optimizers = make_optimizers(model, tc, ctx)
     checkpointed = optimizers + [g.optimizer for g in ctx.groups.values()]
     sync = GradientSync(model, exclude=ctx.group_parameter_ids())
+    embedding_l2 = EmbeddingL2(model, tc.embedding_l2) if tc.embedding_l2 else None
     encoders = {d: FeatureEncoder(specs[d], source=f"domain '{d}', an evaluation split") for d in specs}
     train_encoders = {d: FeatureEncoder(specs[d], job.extra_columns.get(d, ()), f"domain '{d}', train split")
                       for d in stage.train_domains}  # the driver adds the file and row (pipeline.locate)
@@ -269,17 +280,22 @@ def train_stage(config: dict) -> None:
 
     batch_sizes = job.batch_sizes
     eval_domain = stage.eval_domain
-    with_users = specs[eval_domain].user_id is not None
+    select = selection_domains(stage, tc)
 
     splits = job.shards()
     epoch_trackers = trackers(cfg, job.artifact or stage.name, ray.train.get_context().get_world_rank())
 
-    def eval_metrics(split: str, activity: M.Activity | None = None) -> dict[str, Any]:
-        batches = (to_device(b, device) for b in iter_domain(splits[dataset_key(eval_domain, split)],
-                                                              encoders[eval_domain], max(batch_sizes.values())))
+    def eval_metrics(split: str, activity: M.Activity | None = None, domain: str = eval_domain) -> dict[str, Any]:
+        batches = (to_device(b, device) for b in iter_domain(splits[dataset_key(domain, split)],
+                                                              encoders[domain], max(batch_sizes.values())))
         average_statistics(model)
-        return evaluate(model, ctx, batches, with_users, empties[eval_domain] if empties else None, activity,
-                        f"{eval_domain} {split}")
+        return evaluate(model, ctx, batches, specs[domain].user_id is not None, empties[domain] if empties else None,
+                        activity, f"{domain} {split}")
+
+    def selection_auc(valid: dict[str, Any]) -> float:
+        """The AUC the epoch is kept on: the eval domain's, or the mean over the train domains' (select_on)."""
+        return float(np.mean([valid["auc"] if d == eval_domain else eval_metrics("valid", domain=d)["auc"]
+                              for d in select]))
 
     for epoch in range(start_epoch, tc.epochs):
         if best["bad"] >= tc.patience:
@@ -294,7 +310,7 @@ def train_stage(config: dict) -> None:
             batches = {d: b for d, it in its.items() if (b := next(it, None)) is not None}
             if train_empties:
                 batches = {d: batches[d] if d in batches else train_empties[d] for d in its}
-            step_loss, n_global = train_step(model, ctx, batches, optimizers, sync)
+            step_loss, n_global = train_step(model, ctx, batches, optimizers, sync, embedding_l2)
             if n_global == 0:
                 break
             loss_sum, rows, steps = loss_sum + step_loss, rows + sum(len(b) for b in batches.values()), steps + 1
@@ -303,14 +319,17 @@ def train_stage(config: dict) -> None:
         train_seconds = time.perf_counter() - t0
         (peak_rss,) = all_reduce_sum([peak_rss_mb()], dist.ReduceOp.MAX)
         valid = eval_metrics("valid")
-        if valid["auc"] > best["auc"]:
-            best = {"auc": valid["auc"], "epoch": epoch, "state": copy.deepcopy(model.state_dict()), "bad": 0}
+        selected = selection_auc(valid)
+        if selected > best["auc"]:
+            best = {"auc": selected, "valid_auc": valid["auc"], "epoch": epoch,
+                    "state": copy.deepcopy(model.state_dict()), "bad": 0}
         else:
             best["bad"] += 1
         metrics = {"epoch": epoch, "steps": steps, "train_loss": loss_sum / max(rows, 1), "train_rows": int(rows),
                    "train_seconds": train_seconds, "epoch_seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss,
-                   "resumed_from_epoch": resumed_from,
-                   "best_valid_auc": best["auc"], **{f"valid_{k}": v for k, v in valid.items()}}
+                   "resumed_from_epoch": resumed_from, "best_valid_auc": best.get("valid_auc", best["auc"]),
+                   **({"select_auc": selected} if select != (eval_domain,) else {}),
+                   **{f"valid_{k}": v for k, v in valid.items()}}
         history.append(metrics)
         for tracker in epoch_trackers:
             tracker.log(metrics, epoch)
@@ -322,7 +341,8 @@ def train_stage(config: dict) -> None:
     test = eval_metrics("test", job.activity)
     extra = stage.hooks.artifacts(model, ctx)
     final = {"stage": stage.name, "method": job.method.name, "best_epoch": best["epoch"],
-             "valid_auc": best["auc"], "resumed_from_epoch": resumed_from, "final": True,
+             "valid_auc": best.get("valid_auc", best["auc"]), "resumed_from_epoch": resumed_from, "final": True,
+             **({"select_auc": best["auc"], "select_on": list(select)} if select != (eval_domain,) else {}),
              **{f"test_{k}": v for k, v in test.items()}}
     files = {MODEL_FILE: unsharded_state(model), METRICS_FILE: {**final, "history": history}, **extra}
     for tracker in epoch_trackers:

@@ -4,7 +4,8 @@
   under their own sync rule (``StageContext.update``), e.g. a REINFORCE-trained selector;
 * :func:`copy_parameters`: one module's parameters and buffers into another of the same
   architecture, sharded tables shard by shard (e.g. the mixed tower into the pure one);
-* :class:`DiscountedReturn`: ``G ← γ·G + r`` over steps, kept in the model so it resumes.
+* :class:`DiscountedReturn`: ``G ← γ·G + r`` over steps, kept in the model so it resumes;
+* :class:`EmbeddingL2`: the L2 penalty of the embedding vectors a step looks up (``train.embedding_l2``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from raytrain_ctr.embedding.base import Embedding
 from raytrain_ctr.embedding.collection import keep_padding_rows
 from raytrain_ctr.train.sync import GradientSync, sparse_parameters
 
@@ -93,3 +95,38 @@ class DiscountedReturn(nn.Module):
         out = float(self.value)
         self.value.zero_()
         return out
+
+
+class EmbeddingL2:
+    """``½·λ·Σ‖e‖²`` over the embedding vectors the main loss's forward passes look up: every row's
+    fields (sequences as read: pooled, or per position with padding reading zeros). Summed over the
+    rows like the loss, which the step divides by its global row count: a per-row penalty on the rows
+    a step touches only — the tables' other rows decay nowhere, unlike weight decay on a whole table
+    (the regularisation of id-heavy CTR models, e.g. DIN §4.3.1's mini-batch aware form, without its
+    frequency scaling). It reaches the tables through the lookups' outputs, so it works on both
+    backends (TorchRec's fused backward takes its gradient there); frozen tables read no penalty."""
+
+    def __init__(self, model: nn.Module, weight: float):
+        self.weight = weight
+        self.looked_up: list[torch.Tensor] = []
+        self.active = False
+        self.handles = [m.register_forward_hook(self._record) for m in model.modules() if isinstance(m, Embedding)]
+
+    def _record(self, module: nn.Module, args: tuple, out: dict[str, torch.Tensor]) -> None:
+        if self.active and torch.is_grad_enabled():
+            self.looked_up += [v for v in out.values() if v.requires_grad]
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        """Record the lookups of the forward passes inside the block (the main loss's)."""
+        self.looked_up, self.active = [], True
+        try:
+            yield
+        finally:
+            self.active = False
+
+    def penalty(self) -> torch.Tensor:
+        """The recorded lookups' penalty (summed over rows); the record is then cleared."""
+        total = sum(((v.float() ** 2).sum() for v in self.looked_up), torch.zeros(()))
+        self.looked_up = []
+        return 0.5 * self.weight * total
