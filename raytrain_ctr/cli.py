@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from raytrain_ctr.artifacts import ArtifactError
 from raytrain_ctr.data.dataset import CTRDataset, DataError
 from raytrain_ctr.data.validate import MAX_OOV
@@ -246,6 +248,19 @@ def cmd_benchmark(a: argparse.Namespace) -> None:
     print(f"written: {a.out}/leaderboard.md, leaderboard.json, leaderboard.png")
 
 
+def cmd_sensitivity(a: argparse.Namespace) -> None:
+    from raytrain_ctr.compare import Entry, markdown
+    from raytrain_ctr.runtime import init_ray
+    from raytrain_ctr.sensitivity import sensitivity
+
+    cfg = experiment(a)
+    values = None if a.values is None else [yaml.safe_load(v) for v in a.values]
+    init_ray()
+    rows = sensitivity(cfg, Entry.parse(a.method), a.key, values, a.seeds, a.out)
+    print(markdown(rows, f"{a.method}: target test metrics against {a.key}, seeds {a.seeds}"))
+    print(f"written: {a.out}/sensitivity.md, sensitivity.json, sensitivity.png")
+
+
 def cmd_probe(a: argparse.Namespace) -> None:
     from raytrain_ctr.probe import probe
 
@@ -439,6 +454,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grace-epochs", type=int, default=1, help="epochs before ASHA may stop a trial")
     s.add_argument("--out", default="runs/benchmark", help="leaderboard directory (an interrupted one resumes)")
     s.set_defaults(func=cmd_benchmark)
+
+    s = sub.add_parser("sensitivity", help="one key of a method swept over values, each over seeds → the papers' "
+                                           "sensitivity figures")
+    with_config(s)
+    s.add_argument("--method", required=True, help="METHOD or METHOD:key=value,...")
+    s.add_argument("--key", required=True, help="a method argument (tau) or a dotted config key (train.lr)")
+    s.add_argument("--values", nargs="+", default=None, help="values (YAML scalars; default: those its paper studies)")
+    s.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default %(default)s)")
+    s.add_argument("--out", default="runs/sensitivity", help="output directory")
+    s.set_defaults(func=cmd_sensitivity)
 
     s = sub.add_parser("probe", help="CDAnet §5.3: the k nearest other-domain rows of translated latent features")
     with_config(s)

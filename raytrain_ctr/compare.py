@@ -24,11 +24,13 @@ from raytrain_ctr.config import ExperimentConfig
 
 @dataclass(frozen=True)
 class Entry:
-    """A method, its fixed arguments, and config ``overrides`` (dotted keys: a tuned configuration)."""
+    """A method, its fixed arguments, config ``overrides`` (dotted keys: a tuned configuration), and a
+    ``tag`` its label ends with (``autoft[tau=0.5]``)."""
 
     method: str
     args: dict
     overrides: dict = field(default_factory=dict)
+    tag: str = ""
 
     @classmethod
     def parse(cls, text: str) -> Entry:
@@ -43,7 +45,7 @@ class Entry:
     def label(self) -> str:
         """``finetune(all)``; switches keep their names: ``cdanet(mmoe=False)``."""
         shown = [f"{k}={v}" if isinstance(v, bool) else str(v) for k, v in self.args.items()]
-        return self.method + (f"({','.join(shown)})" if shown else "")
+        return self.method + (f"({','.join(shown)})" if shown else "") + (f"[{self.tag}]" if self.tag else "")
 
     def config(self, base: ExperimentConfig, seed: int | None = None) -> ExperimentConfig:
         cfg = base.with_overrides({"method": self.method, "method_args": self.args, **self.overrides})

@@ -1,11 +1,11 @@
 """Ray Tune over config keys with ASHA, and the multi-seed leaderboard."""
 
 import os
-from pathlib import Path
 
+import numpy as np
 import pytest
 
-from raytrain_ctr.compare import Entry, compare
+from raytrain_ctr.compare import Entry
 from raytrain_ctr.config import from_dict
 from raytrain_ctr.spec import SpecError
 from raytrain_ctr.tune import load_space, to_tune, tune_method, tuned_overrides
@@ -30,9 +30,14 @@ def test_space_checks():
         to_tune({"train.lr": {"logunif": [1, 2]}})
 
 
-def test_tune_two_trials_with_asha(tiny_data, ray_local, tmp_path, monkeypatch):
+def test_tune_two_trials_with_asha_sharing_the_pretraining(tiny_data, ray_local, tmp_path, monkeypatch):
+    """A sweep of Fine-Tune's learning rate tunes the fine-tuning stage alone: both trials read the one
+    pre-trained artifact, trained once; ASHA on target-validation AUC; the table lists every trial."""
+    from raytrain_ctr import pipeline
+    from raytrain_ctr.methods import get_method
+
     monkeypatch.chdir(tmp_path)  # relative data and storage paths, as a user gives them (trials run elsewhere)
-    cfg = base(os.path.relpath(tiny_data), "runs").with_overrides({"train.epochs": 3})
+    cfg = base(os.path.relpath(tiny_data), "runs", "finetune").with_overrides({"train.epochs": 3})
     space = {"train.lr": {"grid": [0.001, 0.003]}}  # a grid: exactly these two trials
     trials = tune_method(cfg, space, num_samples=1, max_concurrent=1, out=str(tmp_path / "tune"))
     # both trials report; ASHA may stop the worse one after its first epoch
@@ -44,18 +49,16 @@ def test_tune_two_trials_with_asha(tiny_data, ray_local, tmp_path, monkeypatch):
     stopped = sum(t["test_auc"] is None for t in trials)
     assert sum(line.startswith("| 0.") for line in table.splitlines()) == 2 and "train.lr" in table
     assert f"2 trials, {stopped} stopped early by ASHA" in table
+    method = get_method("finetune")
+    keys = [pipeline.stage_keys(cfg.with_overrides(tuned_overrides(cfg, {"train.lr": t["train.lr"]})), method)
+            for t in trials]
+    assert keys[0]["pretrain"] == keys[1]["pretrain"] == pipeline.stage_keys(cfg, method)["pretrain"]
+    assert keys[0]["finetune"] != keys[1]["finetune"]
+    stages = sorted(p.name for p in (tmp_path / "runs" / "stages").iterdir())
+    assert stages.count(pipeline.artifact_name(method.stage("pretrain"), keys[0])) == 1
+    assert sum(name.startswith("plain-") for name in stages) == 1, stages  # no other pre-training
     with pytest.raises(SpecError, match="unknown key 'lrr'; did you mean 'lr'"):
         tune_method(cfg, {"train.lrr": 0.1}, 1, 1, str(tmp_path / "t2"))
-
-
-def test_leaderboard_table_and_plot(tiny_data, ray_local, tmp_path):
-    cfg = base(tiny_data, str(tmp_path / "runs"))
-    rows = compare(cfg, [Entry.parse("target_only"), Entry.parse("source_only")], [0], str(tmp_path / "lb"))
-    assert [r["entry"] for r in rows] == ["target_only", "source_only"]
-    assert all(len(r["test_auc"]) == 1 and min(r["test_auc"]) > 0.55 for r in rows)
-    md = (tmp_path / "lb" / "leaderboard.md").read_text()
-    assert "| target_only |" in md and "±" in md
-    assert Path(tmp_path / "lb" / "leaderboard.png").stat().st_size > 5000
 
 
 def test_the_paired_test_over_seeds():
@@ -68,25 +71,6 @@ def test_the_paired_test_over_seeds():
     assert t == pytest.approx(3.651, abs=1e-3)  # the paired t statistic; two-sided p with 4 d.o.f.:
     assert paired_p(a, b) == pytest.approx(0.0217, abs=2e-4)  # between the tables' 0.05 (2.776) and 0.02 (3.747)
     assert paired_p(a, a) is None and paired_p(a[:1], b[:1]) is None
-
-
-def test_upstream_stages_are_shared_between_trials(tiny_data, ray_local, tmp_path):
-    """A sweep of Fine-Tune's learning rate tunes the fine-tuning stage alone: every trial reads the one
-    pre-trained artifact, trained once."""
-    from raytrain_ctr import pipeline
-    from raytrain_ctr.methods import get_method
-
-    cfg = base(tiny_data, str(tmp_path / "runs"), "finetune").with_overrides({"train.epochs": 1})
-    trials = tune_method(cfg, {"train.lr": {"grid": [0.001, 0.003]}}, 1, 1, str(tmp_path / "tune"))
-    assert len(trials) == 2
-    method = get_method("finetune")
-    keys = [pipeline.stage_keys(cfg.with_overrides(tuned_overrides(cfg, {"train.lr": t["train.lr"]})), method)
-            for t in trials]
-    assert keys[0]["pretrain"] == keys[1]["pretrain"] == pipeline.stage_keys(cfg, method)["pretrain"]
-    assert keys[0]["finetune"] != keys[1]["finetune"]
-    stages = sorted(p.name for p in (tmp_path / "runs" / "stages").iterdir())
-    assert stages.count(pipeline.artifact_name(method.stage("pretrain"), keys[0])) == 1
-    assert sum(name.startswith("plain-") for name in stages) == 1, stages  # no other pre-training
 
 
 def test_benchmark_protocol(tiny_data, ray_local, tmp_path):
@@ -113,10 +97,33 @@ def test_benchmark_protocol(tiny_data, ray_local, tmp_path):
         assert chosen["trials"] == 2 and set(chosen["params"]) >= {"train.lr", "train.sparse_lr"}
         assert (tmp_path / "bench" / "tune" / e.label / "tune_results.md").is_file()
     md = (tmp_path / "bench" / "leaderboard.md").read_text()
-    assert "chosen configurations" in md and "raytrain-ctr benchmark" in md and "| target_only |" in md
+    assert "chosen configurations" in md and "raytrain-ctr benchmark" in md and "| target_only |" in md and "±" in md
+    assert (tmp_path / "bench" / "leaderboard.png").stat().st_size > 5000
     # the winner's configuration, run alone in fresh storage, lands where its sweep said
     chosen = record["chosen"]["target_only"]
     alone = Entry("target_only", {}, tuned_overrides(cfg, chosen["params"])).config(
         cfg.with_overrides({"storage": str(tmp_path / "alone")}))
     final = pipeline.final_metrics(pipeline.run(alone), alone)
     assert final["valid_auc"] == pytest.approx(chosen["valid_auc"], abs=2e-3)
+
+
+def test_a_sensitivity_study_sweeps_one_key_over_seeds(tiny_data, ray_local, tmp_path):
+    """One row per value, each over the seeds, tested against the best value; the figure and the table written;
+    a method's studied values by default, and a clear error where it declares none."""
+    import json
+
+    from raytrain_ctr.sensitivity import sensitivity, studied_values
+
+    assert studied_values("cdanet", "experts") == [1, 2, 4, 8] and studied_values("cctl", "alpha")[0] == 0.0
+    with pytest.raises(SpecError, match="declares no studied values for 'lr'"):
+        studied_values("target_only", "lr")
+    cfg = base(tiny_data, str(tmp_path / "runs")).with_overrides({"train.epochs": 1})
+    rows = sensitivity(cfg, Entry.parse("target_only"), "train.sparse_lr", [0.0005, 0.05], [0, 1], str(tmp_path / "s"))
+    assert [r["entry"] for r in rows] == ["target_only[train.sparse_lr=0.0005]", "target_only[train.sparse_lr=0.05]"]
+    assert [r["value"] for r in rows] == [0.0005, 0.05] and all(r["n"] == 2 for r in rows)
+    low, high = (np.mean(r["test_auc"]) for r in rows)
+    assert high > low + 0.02  # a table learning rate 100× lower barely moves the ids in one epoch
+    assert rows[1]["p_auc"] is None and rows[0]["reference"] == rows[1]["entry"]
+    record = json.loads((tmp_path / "s" / "sensitivity.json").read_text())
+    assert record["key"] == "train.sparse_lr" and len(record["runs"]) == 4
+    assert (tmp_path / "s" / "sensitivity.png").stat().st_size > 5000

@@ -181,6 +181,7 @@ class AutoFT(Method):
     # §3.3: the Gumbel temperature and its annealing, the policy network's width (eq. 9), and eq. 9's outer ReLU
     search_space = {"tau": {"loguniform": [0.1, 5.0]}, "anneal_rate": {"choice": [0.0, 1e-4, 1e-3]},
                     "policy_hidden": {"choice": [16, 64, 256]}, "policy_output_relu": {"choice": [True, False]}}
+    studied = {"tau": [0.1, 0.5, 1.0, 2.0, 5.0], "anneal_rate": [0.0, 1e-4, 1e-3]}  # §3.3's τ and its annealing
 
     @property
     def stages(self) -> list[Stage]:

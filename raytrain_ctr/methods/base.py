@@ -196,6 +196,8 @@ class Method(ABC):
     arg_defaults: dict[str, Any] = {}
     # argument → distribution, in the search-space YAML's form: {loguniform: [lo, hi]}, {choice: [...]}, …
     search_space: dict[str, Any] = {}
+    # argument → the values its paper's sensitivity figure sweeps (raytrain-ctr sensitivity)
+    studied: dict[str, list] = {}
     baseline: bool = False  # one of the baselines the papers compare against (a benchmark tests each method
     #                         against the best of them)
 

@@ -385,6 +385,7 @@ class CCTL(Method):
                     "n": {"choice": [5, 10, 50]}, "ren_weight": {"loguniform": [1e-3, 1.0]},
                     "selector_hidden": {"choice": [16, 64, 256]}, "policy": {"choice": ["weight", "sample"]},
                     "reward": {"choice": ["batch", "row"]}}
+    studied = {"alpha": [0.0, 0.25, 0.5, 0.75, 1.0]}  # Figure 5(b): α ∈ [0, 1]
 
     @property
     def stages(self) -> list[Stage]:

@@ -92,6 +92,7 @@ class CDAnet(Method):
                     **{s: True for s in SWITCHES}}
     # §5.4.2 (Figure 6): α, β and K experts; the expert and tower depths and d, as for the joint baselines
     search_space = {**MMoENet.search_space, "alpha": {"loguniform": [1e-3, 1.0]}, "beta": {"loguniform": [1e-3, 1.0]}}
+    studied = {"alpha": [1e-3, 1e-2, 1e-1, 1.0], "beta": [1e-3, 1e-2, 1e-1, 1.0], "experts": [1, 2, 4, 8]}  # Figure 6
 
     @property
     def served(self) -> str:

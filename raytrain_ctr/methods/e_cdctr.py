@@ -216,6 +216,7 @@ class ECDCTR(Method):
     # or not (Table 6), attention heads
     search_space = {"history": {"choice": [1, 2, 3]}, "tpm_dim": {"choice": [8, 16, 32]},
                     "load": {"choice": ["all_but_bn", "all"]}, "heads": {"choice": [1, 2]}}
+    studied = {"tpm_dim": [4, 8, 16, 32], "history": [1, 2, 3]}  # Figure 4, Table 5
 
     @property
     def stages(self) -> list[Stage]:

@@ -326,6 +326,7 @@ class MKT(Method):
                     "experts": {"choice": [1, 2, 4]}, "specific_experts": {"choice": [1, 2]},
                     "levels": {"choice": [1, 2]}, "d_cke": {"choice": [32, 64, 128]},
                     "gate": {"choice": ["glu", "scalar", "linear"]}}
+    studied = {"gamma": [0.01, 0.1, 1.0]}  # eq. 13's γ (0.1 throughout the paper)
 
     @property
     def stages(self) -> list[Stage]:
