@@ -169,8 +169,8 @@ class ExperimentConfig:
     def with_overrides(self, overrides: dict[str, Any]) -> ExperimentConfig:
         """Apply dotted overrides (``train.lr``, ``model.deep``, ``method_args.alpha``)."""
         raw = self.to_dict()
-        for key, value in overrides.items():
-            set_dotted(raw, key, value)
+        for key, value in overrides.items():  # copied: a later dotted key must not write into the caller's dict
+            set_dotted(raw, key, copy.deepcopy(value))
         return from_dict(raw)
 
 

@@ -18,6 +18,7 @@ method shares. An interrupted sweep resumes (``Tuner.restore``) without re-runni
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,13 @@ def tune_method(cfg: ExperimentConfig, space: dict[str, Any], num_samples: int, 
                               if "://" not in v})
     trainable = tune.with_parameters(_trial, base={"cfg": cfg})
     experiment = Path(out).absolute() / f"tune-{cfg.method}"
+    sweep = {"config": cfg.to_dict(), "space": space, "samples": num_samples, "grace_epochs": grace_epochs}
+    recorded = Path(out) / "sweep.json"
+    if recorded.exists() and json.loads(recorded.read_text()) != json.loads(json.dumps(sweep, default=str)):
+        raise SpecError(f"{out} holds another sweep (its config, space or size differ: {recorded}); "
+                        f"give another --out, or remove it to start afresh")
+    Path(out).mkdir(parents=True, exist_ok=True)
+    recorded.write_text(json.dumps(sweep, indent=2, default=str))
     if tune.Tuner.can_restore(experiment):
         tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
     else:
@@ -135,7 +143,10 @@ def tune_method(cfg: ExperimentConfig, space: dict[str, Any], num_samples: int, 
     for r in grid:
         if r.error is not None or not r.metrics or r.metrics.get("valid_auc") is None:
             continue
-        trials.append({"valid_auc": r.metrics.get("valid_auc"), "reports": r.metrics.get("training_iteration"),
+        # a finished trial's final report has its best epoch's valid AUC; a stopped one, its best so far
+        valid = r.metrics["valid_auc"] if r.metrics.get("final") else r.metrics.get("best_valid_auc",
+                                                                                     r.metrics["valid_auc"])
+        trials.append({"valid_auc": valid, "reports": r.metrics.get("training_iteration"),
                        "test_auc": r.metrics.get("test_auc"), "trial_id": r.metrics.get("trial_id"),
                        **{k: r.config.get(k) for k in space}})
     trials.sort(key=lambda t: -(t["valid_auc"] or -1))
@@ -148,7 +159,6 @@ def tune_method(cfg: ExperimentConfig, space: dict[str, Any], num_samples: int, 
     lines.append(f"\n{len(trials)} trials, {stopped} stopped early by ASHA")
     if failed:
         lines.append(f"\n{len(failed)} trial(s) failed, e.g. {failed[0].path}: {failed[0].error}")
-    Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "tune_results.md").write_text("\n".join(lines) + "\n")
     return trials
 

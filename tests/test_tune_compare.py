@@ -22,6 +22,10 @@ def test_entry_parsing():
     assert e.method == "finetune" and e.args == {"pretrain": "all", "alpha": 0.01}
     assert e.label == "finetune(all,0.01)" and Entry.parse("all").args == {}
     assert Entry.parse("cdanet:mmoe=false").label == "cdanet(mmoe=False)"
+    tuned = Entry("l2sp", {"pretrain": "all"}, {"method_args.alpha": 0.05}, tag="alpha=0.05")
+    cfg = tuned.config(base("data", "runs"), seed=1)
+    assert cfg.method_args == {"pretrain": "all", "alpha": 0.05} and cfg.train.seed == 1
+    assert tuned.args == {"pretrain": "all"} and tuned.label == "l2sp(all)[alpha=0.05]"  # the entry untouched
 
 
 def test_space_checks():
@@ -59,6 +63,8 @@ def test_tune_two_trials_with_asha_sharing_the_pretraining(tiny_data, ray_local,
     assert sum(name.startswith("plain-") for name in stages) == 1, stages  # no other pre-training
     with pytest.raises(SpecError, match="unknown key 'lrr'; did you mean 'lr'"):
         tune_method(cfg, {"train.lrr": 0.1}, 1, 1, str(tmp_path / "t2"))
+    with pytest.raises(SpecError, match="holds another sweep"):  # not resumed as if it were this one
+        tune_method(cfg, {"train.lr": {"grid": [0.002]}}, 1, 1, str(tmp_path / "tune"))
 
 
 def test_the_paired_test_over_seeds():
