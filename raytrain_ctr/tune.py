@@ -128,9 +128,12 @@ def tune_method(cfg: ExperimentConfig, space: dict[str, Any], num_samples: int, 
                                   grace_period=grace_epochs, time_attr="training_iteration")
         tuner = tune.Tuner(
             trainable, param_space=to_tune(space),
-            tune_config=tune.TuneConfig(num_samples=num_samples, max_concurrent_trials=max_concurrent,
-                                        scheduler=scheduler,  # the same seed samples the same configurations
-                                        search_alg=BasicVariantGenerator(random_state=cfg.train.seed)),
+            tune_config=tune.TuneConfig(
+                num_samples=num_samples, max_concurrent_trials=max_concurrent, scheduler=scheduler,
+                # the config's own values first (a sweep never ends below its starting point on validation), then
+                # seeded samples: the same seed draws the same configurations for every method
+                search_alg=BasicVariantGenerator(points_to_evaluate=[own_values(cfg, space)],
+                                                 random_state=cfg.train.seed)),
             run_config=tune.RunConfig(name=experiment.name, storage_path=str(experiment.parent)))
     before = set(placement_group_table())
     try:
@@ -161,6 +164,24 @@ def tune_method(cfg: ExperimentConfig, space: dict[str, Any], num_samples: int, 
         lines.append(f"\n{len(failed)} trial(s) failed, e.g. {failed[0].path}: {failed[0].error}")
     (Path(out) / "tune_results.md").write_text("\n".join(lines) + "\n")
     return trials
+
+
+def own_values(cfg: ExperimentConfig, space: dict[str, Any]) -> dict[str, Any]:
+    """The config's values of the space's sampled keys, where they lie in the space (a choice's options, a
+    range's bounds); the others are left to the sampler."""
+    raw, own = cfg.to_dict(), {}
+    for key, spec in space.items():
+        if not (isinstance(spec, dict) and len(spec) == 1) or "grid" in spec:
+            continue
+        node: Any = raw
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is None and key.startswith("method_args."):
+            node = METHODS[cfg.method].arg_defaults.get(key.split(".", 1)[1])
+        (kind, value), = spec.items()
+        if kind == "choice" and node in value or kind != "choice" and node is not None and value[0] <= node <= value[1]:
+            own[key] = node
+    return own
 
 
 def release_placement_groups(before: set[str]) -> None:

@@ -101,7 +101,8 @@ def test_benchmark_protocol(tiny_data, ray_local, tmp_path):
     for e in entries:
         chosen = record["chosen"][e.label]
         assert chosen["trials"] == 2 and set(chosen["params"]) >= {"train.lr", "train.sparse_lr"}
-        assert (tmp_path / "bench" / "tune" / e.label / "tune_results.md").is_file()
+        sweep = (tmp_path / "bench" / "tune" / e.label / "tune_results.md").read_text()
+        assert "| 0.001 | 0.01 |" in sweep  # the config's own learning rates are one of the trials
     md = (tmp_path / "bench" / "leaderboard.md").read_text()
     assert "chosen configurations" in md and "raytrain-ctr benchmark" in md and "| target_only |" in md and "±" in md
     assert (tmp_path / "bench" / "leaderboard.png").stat().st_size > 5000
