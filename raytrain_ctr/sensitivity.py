@@ -19,12 +19,12 @@ import numpy as np
 
 from raytrain_ctr.compare import Entry, markdown, run_entries, tested
 from raytrain_ctr.config import ExperimentConfig
-from raytrain_ctr.methods import METHODS, get_method
+from raytrain_ctr.methods import get_method
 from raytrain_ctr.spec import SpecError
 
 
 def studied_values(method: str, key: str) -> list[Any]:
-    studied = METHODS[get_method(method).name].studied
+    studied = get_method(method).studied
     if key not in studied:
         raise SpecError(f"method '{method}' declares no studied values for '{key}' (it does for {sorted(studied)}); "
                         f"give --values")

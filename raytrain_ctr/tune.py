@@ -26,7 +26,7 @@ import yaml
 
 from raytrain_ctr import pipeline
 from raytrain_ctr.config import ExperimentConfig
-from raytrain_ctr.methods import METHODS, get_method
+from raytrain_ctr.methods import get_method
 from raytrain_ctr.spec import SpecError
 
 # what every method shares, tuned alike for baselines and methods (equal budgets): the learning rates, the tables'
@@ -60,7 +60,7 @@ def to_tune(space: dict[str, Any]) -> dict[str, Any]:
 
 def method_space(method: str, fixed: dict[str, Any] | None = None) -> dict[str, Any]:
     """The shared keys and the method's own (``method_args.*``), less the arguments ``fixed`` by the caller."""
-    own = {f"method_args.{k}": v for k, v in METHODS[get_method(method, fixed).name].search_space.items()
+    own = {f"method_args.{k}": v for k, v in get_method(method, fixed).search_space.items()
            if k not in (fixed or {})}
     return {**COMMON_SPACE, **own}
 
@@ -150,7 +150,7 @@ def tune_method(cfg: ExperimentConfig, space: dict[str, Any], num_samples: int, 
         valid = r.metrics["valid_auc"] if r.metrics.get("final") else r.metrics.get("best_valid_auc",
                                                                                      r.metrics["valid_auc"])
         trials.append({"valid_auc": valid, "reports": r.metrics.get("training_iteration"),
-                       "test_auc": r.metrics.get("test_auc"), "trial_id": r.metrics.get("trial_id"),
+                       "test_auc": r.metrics.get("test_auc"),
                        **{k: r.config.get(k) for k in space}})
     trials.sort(key=lambda t: -(t["valid_auc"] or -1))
     lines = ["| valid AUC | test AUC | reports | " + " | ".join(space) + " |", "|---|---|---|" + "---|" * len(space)]
@@ -169,15 +169,14 @@ def tune_method(cfg: ExperimentConfig, space: dict[str, Any], num_samples: int, 
 def own_values(cfg: ExperimentConfig, space: dict[str, Any]) -> dict[str, Any]:
     """The config's values of the space's sampled keys, where they lie in the space (a choice's options, a
     range's bounds); the others are left to the sampler."""
-    raw, own = cfg.to_dict(), {}
+    raw = {**cfg.to_dict(), "method_args": get_method(cfg.method, cfg.method_args).args}  # with the defaults
+    own = {}
     for key, spec in space.items():
         if not (isinstance(spec, dict) and len(spec) == 1) or "grid" in spec:
             continue
         node: Any = raw
         for part in key.split("."):
             node = node.get(part) if isinstance(node, dict) else None
-        if node is None and key.startswith("method_args."):
-            node = METHODS[cfg.method].arg_defaults.get(key.split(".", 1)[1])
         (kind, value), = spec.items()
         if kind == "choice" and node in value or kind != "choice" and node is not None and value[0] <= node <= value[1]:
             own[key] = node
