@@ -12,7 +12,7 @@ from raytrain_ctr import pipeline
 from raytrain_ctr.config import TrainConfig, from_dict
 from raytrain_ctr.data.dataset import CTRDataset
 from raytrain_ctr.methods import get_method
-from raytrain_ctr.methods.autoft import POLICIES, policy_figure, policy_report
+from raytrain_ctr.methods.autoft import POLICIES, PolicyNet, choose, policy_figure, policy_report
 from raytrain_ctr.models.backbones import ModelConfig
 from raytrain_ctr.spec import SpecError
 from raytrain_ctr.train.local import fit_local
@@ -53,7 +53,7 @@ def test_routing_is_hard_and_gradients_reach_every_policy(setup):
         opt.zero_grad(set_to_none=True)
     decisions = {}
     for name, policy in model.policy.items():
-        policy.register_forward_hook(lambda mod, inp, out, name=name: decisions.__setitem__(name, out))
+        policy.register_forward_hook(lambda mod, inp, out, name=name: decisions.__setitem__(name, out[0]))
     model.train()
     logit = model(batch)
     torch.nn.functional.binary_cross_entropy_with_logits(logit, batch.label).backward()
@@ -163,6 +163,51 @@ def test_autoft_routes_other_backbones(setup, tmp_path, backbone):
         routed, plain = model(batch), pre(batch)
     assert set(model.routes) == set(policies)
     torch.testing.assert_close(routed, plain)  # both copies equal the pre-trained model before training
+
+
+def test_a_tied_decision_goes_to_the_fine_tuned_copy_at_inference():
+    """Eq. 9's outer ReLU clips both logits to 0 for some inputs: such a decision is a 50/50 draw in
+    training (no gradient) and must not send every tied instance to the frozen copy at inference."""
+    logits = torch.tensor([[[0.0, 0.0], [2.0, 1.0], [0.0, 3.0]]])  # tied, pre-trained wins, fine-tuned wins
+    assert choose(logits, 1.0, training=False).tolist() == [[0.0, 1.0, 0.0]]
+    assert choose(logits, 1.0, training=False, tie_to_pretrained=True).tolist() == [[1.0, 1.0, 0.0]]  # argmax's tie
+    dead = torch.nn.Linear(8, 2)  # a policy whose outer ReLU clips every logit: every decision tied
+    torch.nn.init.constant_(dead.weight, 0.0), torch.nn.init.constant_(dead.bias, -1.0)
+    for tie, share in (("fine_tuned", 0.0), ("pretrained", 1.0)):
+        net = PolicyNet(4, 8, 1, output_relu=True, tie=tie).eval()
+        net.net[2] = dead
+        p, tied = net(torch.randn(16, 4), 1.0)
+        assert tied.all() and float(p.mean()) == share
+    with pytest.raises(SpecError, match="method_args.inference_tie: 'frozen' must be one of"):
+        PolicyNet(4, 8, 1, tie="frozen")
+    torch.manual_seed(0)
+    drawn = torch.stack([choose(logits, 1.0, training=True) for _ in range(2000)]).mean(0)
+    assert abs(float(drawn[0, 0]) - 0.5) < 0.05  # a tie is a coin in training
+
+
+def test_epoch_metrics_follow_the_policies_over_training(setup):
+    """Every epoch logs τ and, per decision, the validation shares routed to the pre-trained copy
+    and tied: the policies over training (issue 15's diagnosis)."""
+    specs, target, valid, path = setup
+    m = get_method("autoft", {"tau": 2.0, "anneal_rate": 1e-2})
+    res = fit_local(m, m.stage("autoft"), specs, MCFG, TrainConfig(epochs=2, batch_size=512, sparse_lr=0.01),
+                    {"target": target}, valid, upstream=path)
+    first, last = res.history
+    assert 0.1 <= last["tau"] < first["tau"] < 2.0  # annealed per step, floored at tau_min
+    names = res.model.fine.pooled_names
+    for kind in ("pretrained_share", "tied_share"):
+        keys = {k for k in last if k.startswith(f"valid_{kind}/")}
+        assert keys == ({f"valid_{kind}/embedding/{n}" for n in names}
+                        | {f"valid_{kind}/cross/cross_{i}" for i in range(2)}
+                        | {f"valid_{kind}/deep/deep_{i}" for i in range(2)})
+        assert all(0.0 <= last[k] <= 1.0 for k in keys)
+    res.model.eval()  # the logged shares are the argmax decisions on the validation split
+    with torch.no_grad():
+        res.model(valid)
+    report = policy_report(res.model)
+    for name, shares in report["pretrained_share"].items():
+        for d, share in shares.items():
+            assert last[f"valid_pretrained_share/{name}/{d}"] == pytest.approx(share)
 
 
 def test_policy_without_the_outer_relu(setup):

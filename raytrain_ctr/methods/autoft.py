@@ -23,6 +23,8 @@ its fine-tuned copy.
 
 After the test evaluation the stage writes ``policy.json`` and ``policy.png`` (AutoFT
 Figure 3): per field and layer, the share of test instances routed to the pre-trained copy.
+Every epoch's metrics carry the same shares on the validation split, the share of tied
+decisions and τ (``epoch_metrics``): how the policies move over training.
 """
 
 from __future__ import annotations
@@ -45,30 +47,43 @@ from raytrain_ctr.train.sync import all_reduce_sum
 
 POLICIES = ("embedding", "cross", "deep")
 PRETRAINED = 0  # the Gumbel category of the frozen pre-trained copy; 1 is the fine-tuned one (§3.3)
+TIES = ("fine_tuned", "pretrained")  # where inference sends a tied decision
 
 
 class PolicyNet(nn.Module):
     """Eq. 9: p = G(ReLU(W_p² ReLU(W_p¹ x + b_p¹) + b_p²)), one two-way decision per output.
 
-    ``output_relu=False`` drops the outer ReLU ("other structures are possible", §3.2): with it,
-    a decision whose two logits are both clipped to 0 has no gradient and, at inference, the
-    argmax's tie goes to the first category (the pre-trained copy).
+    With eq. 9's outer ReLU a decision whose two logits are both clipped to 0 is tied: it has no
+    gradient, training draws it 50/50 (the Gumbel noise), and inference gives it to the
+    fine-tuned copy (a plain argmax would give every tie to the first category, the frozen copy,
+    which training never preferred; ``tie="pretrained"`` keeps that, for comparison).
+    ``output_relu=False`` drops the outer ReLU ("other structures are possible", §3.2).
     """
 
-    def __init__(self, in_dim: int, hidden: int, decisions: int, output_relu: bool = True):
+    def __init__(self, in_dim: int, hidden: int, decisions: int, output_relu: bool = True, tie: str = "fine_tuned"):
         super().__init__()
-        self.decisions = decisions
+        if tie not in TIES:
+            raise SpecError(f"method_args.inference_tie: '{tie}' must be one of {list(TIES)}")
+        self.decisions, self.tie_to_pretrained = decisions, tie == "pretrained"
         self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, 2 * decisions),
                                  nn.ReLU() if output_relu else nn.Identity())
 
-    def forward(self, x: torch.Tensor, tau: float) -> torch.Tensor:
-        """``[B, decisions]``: 1 where the instance takes the pre-trained copy, else 0."""
-        logits = self.net(x).view(x.shape[0], self.decisions, 2)  # log α (eq. 13)
-        if self.training:  # eq. 13 forward (argmax of log α + Gumbel noise), eq. 14 backward
-            choice = F.gumbel_softmax(logits, tau=tau, hard=True)
-        else:  # inference: the argmax of the policy, no noise
-            choice = F.one_hot(logits.argmax(-1), 2).to(logits.dtype)
-        return choice[..., PRETRAINED]
+    def forward(self, x: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, decisions]`` twice: 1 where the instance takes the pre-trained copy, else 0; and
+        True where the decision's two logits (log α of eq. 13) are tied."""
+        logits = self.net(x).view(x.shape[0], self.decisions, 2)
+        return (choose(logits, tau, self.training, self.tie_to_pretrained),
+                logits[..., 0] == logits[..., 1])
+
+
+def choose(logits: torch.Tensor, tau: float, training: bool, tie_to_pretrained: bool = False) -> torch.Tensor:
+    """Eq. 13 forward (argmax of log α + Gumbel noise), eq. 14 backward, in training; at inference
+    the argmax without noise, a tie going to the fine-tuned copy (or the pre-trained one). 1 where
+    the pre-trained copy is taken."""
+    if training:
+        return F.gumbel_softmax(logits, tau=tau, hard=True)[..., PRETRAINED]
+    pre, fine = logits[..., PRETRAINED], logits[..., 1 - PRETRAINED]
+    return (pre >= fine if tie_to_pretrained else pre > fine).to(logits.dtype)
 
 
 def route(p: torch.Tensor, pretrained: torch.Tensor, fine_tuned: torch.Tensor) -> torch.Tensor:
@@ -89,7 +104,7 @@ class AutoFTModel(nn.Module):
     """The frozen pre-trained copy ``pre``, the fine-tuned copy ``fine``, and the policy networks."""
 
     def __init__(self, pre: CTRModel, fine: CTRModel, policies: tuple[str, ...], hidden: int, tau: float,
-                 tau_min: float, anneal_rate: float, output_relu: bool = True):
+                 tau_min: float, anneal_rate: float, output_relu: bool = True, tie: str = "fine_tuned"):
         super().__init__()
         self.pre, self.fine = pre, fine
         self.tau, self.tau_min, self.anneal_rate = tau, tau_min, anneal_rate
@@ -99,10 +114,11 @@ class AutoFTModel(nn.Module):
             if sizes[name] == 0:
                 raise SpecError(f"method_args.policies: '{name}' has nothing to route with backbone "
                                 f"'{fine.backbone.cfg.backbone}'")
-        self.policy = nn.ModuleDict({name: PolicyNet(fine.in_dim, hidden, sizes[name], output_relu)
+        self.policy = nn.ModuleDict({name: PolicyNet(fine.in_dim, hidden, sizes[name], output_relu, tie)
                                      for name in policies})
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # τ annealing's steps; resumes with the model
         self.routes: dict[str, torch.Tensor] = {}  # evaluation: decisions for the pre-trained copy, summed
+        self.ties: dict[str, torch.Tensor] = {}  # evaluation: decisions whose two logits were equal, summed
         self.routed = 0
         self.recording = True  # evaluation counts the routes (the policy report); serving does not
 
@@ -112,15 +128,16 @@ class AutoFTModel(nn.Module):
 
     def train(self, mode: bool = True) -> AutoFTModel:
         if not mode:  # each evaluation counts its own routes
-            self.routes, self.routed = {}, 0
+            self.routes, self.ties, self.routed = {}, {}, 0
         return super().train(mode)
 
     def decide(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
         if name not in self.policy:
             return None
-        p = self.policy[name](x, self.temperature if self.training else 1.0)  # inference takes no τ (no noise)
+        p, tied = self.policy[name](x, self.temperature if self.training else 1.0)  # inference takes no τ (no noise)
         if not self.training and self.recording:
             self.routes[name] = self.routes.get(name, 0) + p.detach().sum(0).cpu()
+            self.ties[name] = self.ties.get(name, 0) + tied.sum(0).cpu()
         return p
 
     def forward(self, batch: Batch) -> torch.Tensor:
@@ -146,8 +163,8 @@ class AutoFTHooks(StageHooks):
     τ annealed after every step; the policy report after the test split."""
 
     def __init__(self, policies: tuple[str, ...], hidden: int, tau: float, tau_min: float, anneal_rate: float,
-                 output_relu: bool, title: str):
-        self.policies, self.hidden, self.output_relu, self.title = policies, hidden, output_relu, title
+                 output_relu: bool, tie: str, title: str):
+        self.policies, self.hidden, self.output_relu, self.tie, self.title = policies, hidden, output_relu, tie, title
         self.tau, self.tau_min, self.anneal_rate = tau, tau_min, anneal_rate
 
     def build(self, ctx: StageContext) -> nn.Module:
@@ -157,7 +174,7 @@ class AutoFTHooks(StageHooks):
                             f"{list(POLICIES)}")
         specs = list(ctx.specs.values())
         return AutoFTModel(build_model(specs, ctx.model_cfg), build_model(specs, ctx.model_cfg), self.policies,
-                           self.hidden, self.tau, self.tau_min, self.anneal_rate, self.output_relu)
+                           self.hidden, self.tau, self.tau_min, self.anneal_rate, self.output_relu, self.tie)
 
     def after_step(self, model: nn.Module, batches: dict[str, Batch], ctx: StageContext) -> None:
         model.step += 1  # the temperature of the next step (§3.3's annealing)
@@ -168,6 +185,13 @@ class AutoFTHooks(StageHooks):
         served.recording = False
         return served
 
+    def epoch_metrics(self, model: nn.Module, ctx: StageContext) -> dict[str, float]:
+        """The validation split's policy report, flat (``valid_pretrained_share/cross/cross_0``,
+        ``valid_tied_share/…``), and the training temperature τ."""
+        report = policy_report(model)
+        return {"tau": model.temperature, **{f"valid_{kind}/{name}/{d}": share for kind in SHARES
+                                             for name, shares in report[kind].items() for d, share in shares.items()}}
+
     def artifacts(self, model: nn.Module, ctx: StageContext) -> dict[str, Any]:
         report = policy_report(model)
         return {"policy.json": report, "policy.png": policy_figure(report, self.title)}
@@ -177,7 +201,8 @@ class AutoFT(Method):
     name = "autoft"
     description = "per-instance Gumbel-softmax routing between frozen pre-trained and fine-tuned fields and layers"
     arg_defaults: dict[str, Any] = {"pretrain": "source", "policies": POLICIES, "tau": 1.0, "tau_min": 0.1,
-                                    "anneal_rate": 0.0, "policy_hidden": 64, "policy_output_relu": True}
+                                    "anneal_rate": 0.0, "policy_hidden": 64, "policy_output_relu": True,
+                                    "inference_tie": "fine_tuned"}
     # §3.3: the Gumbel temperature and its annealing, the policy network's width (eq. 9), and eq. 9's outer ReLU
     search_space = {"tau": {"loguniform": [0.1, 5.0]}, "anneal_rate": {"choice": [0.0, 1e-4, 1e-3]},
                     "policy_hidden": {"choice": [16, 64, 256]}, "policy_output_relu": {"choice": [True, False]}}
@@ -187,7 +212,7 @@ class AutoFT(Method):
     def stages(self) -> list[Stage]:
         a = self.args
         hooks = AutoFTHooks(tuple(a["policies"]), int(a["policy_hidden"]), float(a["tau"]), float(a["tau_min"]),
-                            float(a["anneal_rate"]), bool(a["policy_output_relu"]), self.name)
+                            float(a["anneal_rate"]), bool(a["policy_output_relu"]), str(a["inference_tie"]), self.name)
         return frozen_and_fine_tuned(a, self.name, hooks)  # §3.2: equal copies
 
 
@@ -198,25 +223,28 @@ class SpotTune(AutoFT):
     baseline = True  # AutoFT Table 3
 
 
+SHARES = ("pretrained_share", "tied_share")
+
+
 def policy_report(model: AutoFTModel) -> dict[str, Any]:
     """Per policy and decision, the share of the last evaluation's instances routed to the
-    pre-trained copy, summed over every worker (a collective)."""
+    pre-trained copy, and the share whose decision was tied (both logits equal: eq. 9's outer
+    ReLU clipped both), summed over every worker (a collective)."""
     backbone = model.fine.backbone
     names = {"embedding": model.fine.pooled_names, "cross": [f"cross_{l}" for l in range(len(backbone.cross))],
              "deep": [f"deep_{l}" for l in range(len(backbone.deep))]}
-    out: dict[str, Any] = {"instances": 0, "pretrained_share": {}}
     flat = [float(model.routed)]
-    for name in model.policy:
-        counts = model.routes.get(name, torch.zeros(len(names[name])))
-        flat += [float(c) for c in counts]
+    for counts in (model.routes, model.ties):
+        for name in model.policy:
+            flat += [float(c) for c in counts.get(name, torch.zeros(len(names[name])))]
     totals = all_reduce_sum(flat)
     n, offset = totals[0], 1
-    out["instances"] = int(n)
-    for name in model.policy:
-        k = len(names[name])
-        shares = totals[offset: offset + k]
-        out["pretrained_share"][name] = {d: (c / n if n else 0.0) for d, c in zip(names[name], shares)}
-        offset += k
+    out: dict[str, Any] = {"instances": int(n), **{kind: {} for kind in SHARES}}
+    for kind in SHARES:
+        for name in model.policy:
+            k = len(names[name])
+            out[kind][name] = {d: (c / n if n else 0.0) for d, c in zip(names[name], totals[offset: offset + k])}
+            offset += k
     return out
 
 

@@ -134,6 +134,11 @@ class StageHooks:
         """After the optimizers stepped (``ctx.step`` counts this step); every worker calls it at
         every step, with its batches of the step (maybe none)."""
 
+    def epoch_metrics(self, model: nn.Module, ctx: StageContext) -> dict[str, float]:
+        """Diagnostics logged with each epoch's metrics, right after the eval domain's validation
+        evaluation (every worker calls it; collectives allowed)."""
+        return {}
+
     def artifacts(self, model: nn.Module, ctx: StageContext) -> dict[str, Any]:
         """Extra files for the stage's artifact, made right after the test evaluation (every
         worker calls it; rank 0's are written). ``*.json`` → JSON, ``bytes`` → raw."""

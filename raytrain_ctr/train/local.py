@@ -61,6 +61,7 @@ def fit_local(method: Method, stage: Stage, specs: dict[str, DomainSpec], model_
                        embedding_l2)
         seconds = time.perf_counter() - t0
         metrics = evaluate(model, ctx, split_batches(valid, 8192), valid.user is not None, split="valid")
-        history.append({"epoch": epoch, "train_seconds": seconds, **metrics})
+        history.append({"epoch": epoch, "train_seconds": seconds, **metrics,
+                        **stage.hooks.epoch_metrics(model, ctx)})
         best = max(best, metrics["auc"])
     return LocalResult(model, history, best)

@@ -319,6 +319,7 @@ def train_stage(config: dict) -> None:
         train_seconds = time.perf_counter() - t0
         (peak_rss,) = all_reduce_sum([peak_rss_mb()], dist.ReduceOp.MAX)
         valid = eval_metrics("valid")
+        diagnostics = stage.hooks.epoch_metrics(model, ctx)
         selected = selection_auc(valid)
         if selected > best["auc"]:
             best = {"auc": selected, "valid_auc": valid["auc"], "epoch": epoch,
@@ -329,7 +330,7 @@ def train_stage(config: dict) -> None:
                    "train_seconds": train_seconds, "epoch_seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss,
                    "resumed_from_epoch": resumed_from, "best_valid_auc": best.get("valid_auc", best["auc"]),
                    **({"select_auc": selected} if select != (eval_domain,) else {}),
-                   **{f"valid_{k}": v for k, v in valid.items()}}
+                   **{f"valid_{k}": v for k, v in valid.items()}, **diagnostics}
         history.append(metrics)
         for tracker in epoch_trackers:
             tracker.log(metrics, epoch)
