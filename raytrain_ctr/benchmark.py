@@ -28,7 +28,7 @@ from raytrain_ctr.compare import Entry, run_entries, tested, write
 from raytrain_ctr.config import ExperimentConfig
 from raytrain_ctr.methods import METHODS, get_method
 from raytrain_ctr.spec import SpecError
-from raytrain_ctr.tune import method_space, tune_method, tuned_overrides
+from raytrain_ctr.tune import TuneError, method_space, tune_method, tuned_overrides
 
 
 def slug(label: str) -> str:
@@ -41,6 +41,9 @@ def sweep(base: ExperimentConfig, entry: Entry, trials: int, max_concurrent: int
     cfg = entry.config(base)
     space = method_space(entry.method, entry.args)
     found = tune_method(cfg, space, trials, max_concurrent, str(Path(out) / "tune" / slug(entry.label)), grace_epochs)
+    if not found:  # interrupted (Ctrl-C) before any trial reported
+        raise TuneError(f"the sweep of {entry.label} ended without a trial's result (interrupted?); the same command "
+                        f"resumes it")
     best = found[0]
     return {"params": {k: best[k] for k in space}, "valid_auc": best["valid_auc"], "trials": len(found),
             "stopped_early": sum(t["test_auc"] is None for t in found)}

@@ -38,6 +38,7 @@ from raytrain_ctr.serving.package import PackageError
 from raytrain_ctr.spec import SpecError
 from raytrain_ctr.train.metrics import MetricsError
 from raytrain_ctr.train.state import StateMismatchError
+from raytrain_ctr.tune import TuneError
 
 
 def cmd_synth(a: argparse.Namespace) -> None:
@@ -514,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except (SpecError, DataError, PipelineError, StateMismatchError, PackageError, MetricsError, ArtifactError,
-            LeaseError) as e:
+            LeaseError, TuneError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -8,7 +8,7 @@ import pytest
 from raytrain_ctr.compare import Entry
 from raytrain_ctr.config import from_dict
 from raytrain_ctr.spec import SpecError
-from raytrain_ctr.tune import load_space, to_tune, tune_method, tuned_overrides
+from raytrain_ctr.tune import TuneError, load_space, to_tune, tune_method, tuned_overrides
 
 
 def base(data: str, storage: str, method: str = "target_only"):
@@ -65,6 +65,18 @@ def test_tune_two_trials_with_asha_sharing_the_pretraining(tiny_data, ray_local,
         tune_method(cfg, {"train.lrr": 0.1}, 1, 1, str(tmp_path / "t2"))
     with pytest.raises(SpecError, match="holds another sweep"):  # not resumed as if it were this one
         tune_method(cfg, {"train.lr": {"grid": [0.002]}}, 1, 1, str(tmp_path / "tune"))
+
+
+def test_a_sweep_interrupted_before_any_result_stops_the_benchmark_by_name(tiny_data, tmp_path, monkeypatch):
+    """Ctrl-C during a benchmark's sweep: Tune returns no trial; the benchmark says which sweep and how to resume
+    (it used to fail on an empty list's first element)."""
+    from raytrain_ctr import benchmark
+
+    monkeypatch.setattr(benchmark, "tune_method", lambda *a, **k: [])  # what Tune.fit gives after SIGINT, measured
+    base = from_dict({"data": tiny_data, "method": "target_only", "storage": str(tmp_path)})
+    with pytest.raises(TuneError, match=r"the sweep of finetune\(all\) ended without a trial's result .* the same "
+                                        r"command resumes it"):
+        benchmark.sweep(base, Entry.parse("finetune:pretrain=all"), 8, 2, str(tmp_path))
 
 
 def test_the_paired_test_over_seeds():
