@@ -29,7 +29,7 @@ lint: setup
 	$(BIN)/ruff check raytrain_ctr tests benchmarks examples jobs
 
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 bench: setup
 	$(BIN)/python benchmarks/generator.py
