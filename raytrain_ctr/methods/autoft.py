@@ -14,7 +14,8 @@ networks (eq. 9) decide, per instance,
 The decisions are hard 0/1 in the forward pass and carry the Gumbel-softmax relaxation's
 gradient in the backward pass (eqs. 13, 14: straight-through), with temperature τ, optionally
 annealed after every step (``after_step``). Inference takes the argmax of the policy logits,
-without noise. The prediction layer is always fine-tuned (§3.2); the loss is eq. 8
+without noise; a tie (eq. 9's outer ReLU clipped both logits) goes to the fine-tuned copy
+(``inference_tie``; docs/AUTOFT.md). The prediction layer is always fine-tuned (§3.2); the loss is eq. 8
 (cross-entropy; λ‖W‖² is ``train.weight_decay``).
 
 SpotTune is the same with the layer-wise policies only (AutoFT §4.2); the ablations of
