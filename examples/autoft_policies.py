@@ -37,13 +37,12 @@ def column(dataset: CTRDataset, domain: str, split: str, names: list[str]) -> np
 def untrained_share(dataset: CTRDataset, pretrain: str) -> dict[str, float]:
     """Per field of the target, the share of its test lookups whose pre-trained row no pre-training
     domain's train split looked up (through any field on the same table)."""
-    out = {}
-    for f in dataset.domain("target").spec.sparse_fields:
-        seen = np.unique(np.concatenate([
-            column(dataset, d, "train", [g.name for g in dataset.domain(d).spec.sparse_fields if g.table == f.table])
-            for d in PRETRAIN_DOMAINS[pretrain]]))
-        out[f.name] = float(np.mean(~np.isin(column(dataset, "target", "test", [f.name]), seen)))
-    return out
+    fields = dataset.domain("target").spec.sparse_fields
+    seen = {table: np.unique(np.concatenate([  # each table's trained rows, read once
+        column(dataset, d, "train", [g.name for g in dataset.domain(d).spec.sparse_fields if g.table == table])
+        for d in PRETRAIN_DOMAINS[pretrain]])) for table in {f.table for f in fields}}
+    return {f.name: float(np.mean(~np.isin(column(dataset, "target", "test", [f.name]), seen[f.table])))
+            for f in fields}
 
 
 def main(out: str, data: str, figure: str | None = None) -> None:
@@ -101,7 +100,8 @@ def draw(by_entry: dict[str, list[dict]], path: str) -> None:
             keys = sorted(k for k in seeds[0]["history"][0] if k.startswith(f"valid_pretrained_share/{group}/"))
             for k in keys:
                 pre = np.mean([[e[k] for e in s["history"][:epochs]] for s in seeds], axis=0)
-                tied = np.mean([[e[k.replace("pretrained", "tied")] for e in s["history"][:epochs]] for s in seeds], 0)
+                tied = np.mean([[e[k.replace("pretrained_share", "tied_share")] for e in s["history"][:epochs]]
+                                for s in seeds], axis=0)
                 line, = ax.plot(range(epochs), pre, marker="o", label=k.rsplit("/", 1)[1])
                 ax.plot(range(epochs), tied, ls="--", color=line.get_color(), alpha=0.6)
             ax.set_ylim(-0.02, 1.02)
