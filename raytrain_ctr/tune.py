@@ -4,7 +4,8 @@ A trial is a Tune function trainable (Ray Train V2): it applies its sampled over
 (dotted keys: ``train.lr``, ``model.deep``, ``method_args.alpha``), runs the upstream
 stages through the pipeline (content-addressed: trials that share them train them once),
 then fits the tuned stage's ``TorchTrainer`` with ``TuneReportCallback`` so every epoch's
-``valid_auc`` reaches the scheduler.
+``valid_auc`` reaches the scheduler. A tuned stage already committed (an earlier sweep tried the same
+values) is not trained again: its recorded epochs and final metrics are reported in their order.
 
 The ``train.*`` keys a trial samples are the tuned stage's alone (``stage_train``): the stages
 upstream keep the run's and are shared by every trial. ``model.*`` keys shape every stage (a
@@ -90,7 +91,11 @@ def _trial(params: dict[str, Any], base: dict) -> None:
     *upstream, last = method.stages
     for job in dict.fromkeys(s.job if s.job != last.job else s.name for s in upstream):  # transient stages skipped
         pipeline.run(cfg, stage=job)
-    pipeline.run(cfg, stage=last.name, callbacks=[TuneReportCallback()])
+    result = pipeline.run(cfg, stage=last.name, callbacks=[TuneReportCallback()])[last.name]
+    if result.get("skipped"):  # trained before (an earlier sweep, the same values): replay what it reported
+        for epoch in result.get("history", []):
+            tune.report(epoch)
+        tune.report({k: v for k, v in result.items() if k not in ("history", "skipped", "artifact", "inputs")})
 
 
 def tune_method(cfg: ExperimentConfig, space: dict[str, Any], num_samples: int, max_concurrent: int,
