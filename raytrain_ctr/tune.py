@@ -134,11 +134,12 @@ def tune_method(cfg: ExperimentConfig, space: dict[str, Any], num_samples: int, 
         tuner = tune.Tuner(
             trainable, param_space=to_tune(space),
             tune_config=tune.TuneConfig(
-                num_samples=num_samples, max_concurrent_trials=max_concurrent, scheduler=scheduler,
+                num_samples=num_samples, scheduler=scheduler,
                 # the config's own values first (a sweep never ends below its starting point on validation), then
-                # seeded samples: the same seed draws the same configurations for every method
+                # seeded samples: the same seed draws the same configurations for every method. The cap on trials
+                # at once goes to the generator: Ray 2.60 ignores TuneConfig's max_concurrent_trials beside one
                 search_alg=BasicVariantGenerator(points_to_evaluate=[own_values(cfg, space)],
-                                                 random_state=cfg.train.seed)),
+                                                 max_concurrent=max_concurrent, random_state=cfg.train.seed)),
             run_config=tune.RunConfig(name=experiment.name, storage_path=str(experiment.parent)))
     before = set(placement_group_table())
     try:

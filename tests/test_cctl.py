@@ -137,6 +137,21 @@ def test_the_row_reward_scores_each_source_row_by_the_pure_tower(tiny_data):
     assert moved[best].mean() > moved[worst].mean()
 
 
+def test_alpha_sizes_the_selector_step(tiny_data):
+    """Eq. 9's α scales the selector's step (Adam's first step is lr·sign(g): a factor on the loss would not)."""
+    moved = {}
+    for alpha in (1.0, 0.5):
+        ds, model, ctx = setup(tiny_data, {"k": 2, "n": 3, "alpha": alpha})
+        opts, sync = make_optimizers(model, TC, ctx), GradientSync(model, exclude=ctx.group_parameter_ids())
+        before = [p.clone() for p in model.selector.parameters()]
+        for s in range(3):  # the first REINFORCE step is at step 3
+            train_step(model, ctx, {"source": rows(ds, "source", 256 * s, 256),
+                                    "target": rows(ds, "target", 64 * s, 64)}, opts, sync)
+        moved[alpha] = torch.cat([(p - b).flatten() for p, b in zip(model.selector.parameters(), before)])
+    assert moved[1.0].abs().max() > 1e-4
+    torch.testing.assert_close(moved[0.5], 0.5 * moved[1.0], rtol=1e-3, atol=1e-7)
+
+
 @pytest.mark.parametrize("alpha,policy", [(1.0, "weight"), (0.0, "weight"), (1.0, "sample")])
 def test_the_selector_moves_only_by_its_reinforce_step(tiny_data, alpha, policy):
     ds, model, ctx = setup(tiny_data, {"k": 2, "n": 3, "alpha": alpha, "policy": policy})

@@ -13,7 +13,9 @@ eq. 6) are mapped to the target's token sizes by the SAN, an MLP per token (eq. 
 a token has the same fields in both domains). The selector MLP ends in a sigmoid, ``p_i`` (eq. 8),
 read on the aligned source vector; it gets no gradient from the towers' loss. Every ``n`` steps it
 takes one REINFORCE step (eq. 9), ``Θ_ifn ← Θ_ifn + α·(1/N)·Σ_i ∇ log p_i · r^accu``, over the
-source rows of the window, each step's rows credited with the discounted reward that followed
+source rows of the window (by Adam at the learning rate ``α·selector_lr``: α sizes the step, as in
+eq. 9, where a factor on the loss would vanish in Adam's normalisation; α = 0 leaves the selector
+at its start), each step's rows credited with the discounted reward that followed
 them, ``r^accu_k = r_{k+1} + γ·r_{k+2} + …`` (a step's reward measures the updates before it).
 
 ``policy: sample`` is an option beyond the paper: each source row is selected with probability
@@ -212,7 +214,7 @@ class CCTLHooks(StageHooks):
     def param_groups(self, model: nn.Module, ctx: StageContext) -> list[ParamGroup]:
         if not self.args["ifn"]:
             return []
-        lr = float(self.args["selector_lr"])
+        lr = float(self.args["alpha"]) * float(self.args["selector_lr"])  # eq. 9's α: the step's size
         return [ParamGroup("selector", list(model.selector.parameters()), lambda ps: torch.optim.Adam(ps, lr=lr))]
 
     def logits(self, model: nn.Module, batch: Batch, ctx: StageContext) -> torch.Tensor:
@@ -310,7 +312,7 @@ class CCTLHooks(StageHooks):
             p = model.weight(v).clamp(1e-6, 1 - 1e-6)
             log_pi = torch.log(p) if act is None else act * torch.log(p) + (1 - act) * torch.log(1 - p)
             loss = loss - ((row - baseline if row is not None else r) * log_pi).sum()
-        ctx.update("selector", float(a["alpha"]) * loss / max(n_global, 1.0))
+        ctx.update("selector", loss / max(n_global, 1.0))  # stepped at α·selector_lr (param_groups)
         self.window, self.rewards = self.window[-1:], self.rewards[-1:]
         totals = all_reduce_sum(self.counts.reshape(-1).tolist())
         clean, noise = totals[:BINS], totals[BINS:]
