@@ -39,7 +39,10 @@ behaviour sequences: the dual embedding); the other fields of the source share t
 tables, and fields only the source has get tables of their own (``ren: false`` drops the dual
 embedding with the loss: the source then shares the id tables too). ``Loss_ren = sim(v_id^s, v_id^t) −
 sim(v_seq^s, v_seq^t)`` (eqs. 10–12, cosine, eq. 11) over the id fields and the mean-pooled
-behaviour sequences both domains have, per row of both batches, weighted by ``ren_weight``.
+behaviour sequences both domains have, per row of both batches, weighted by ``ren_weight``. The paper
+pairs one user's two sequences, one per domain; here a row's own sequence is read through both
+domains' tables (the same ids), since users need not occur in both domains (on MovieLens male →
+female none do). ``ren_weight: 0`` keeps the dual tables without the loss, apart from ``ren: false``.
 
 **Serving** (§3.4): the pure tower alone (``export``), with Target-only's interface; it is also
 what the stage evaluates. The ablations of Table 3 are ``ifn: false`` (every source row weighted 1,
