@@ -43,8 +43,9 @@ class Entry:
 
     @property
     def label(self) -> str:
-        """``finetune(all)``; switches keep their names: ``cdanet(mmoe=False)``."""
-        shown = [f"{k}={v}" if isinstance(v, bool) else str(v) for k, v in self.args.items()]
+        """``finetune(all)``: the pre-training by its value alone; every other argument by its name,
+        ``cdanet(mmoe=False)``, ``cctl(ren_weight=0)`` (a bare number says nothing of what it sets)."""
+        shown = [str(v) if k == "pretrain" else f"{k}={v}" for k, v in self.args.items()]
         return self.method + (f"({','.join(shown)})" if shown else "") + (f"[{self.tag}]" if self.tag else "")
 
     def config(self, base: ExperimentConfig, seed: int | None = None) -> ExperimentConfig:

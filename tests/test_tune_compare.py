@@ -20,7 +20,8 @@ def base(data: str, storage: str, method: str = "target_only"):
 def test_entry_parsing():
     e = Entry.parse("finetune:pretrain=all,alpha=0.01")
     assert e.method == "finetune" and e.args == {"pretrain": "all", "alpha": 0.01}
-    assert e.label == "finetune(all,0.01)" and Entry.parse("all").args == {}
+    assert e.label == "finetune(all,alpha=0.01)" and Entry.parse("all").args == {}
+    assert Entry.parse("cctl:ren_weight=0").label == "cctl(ren_weight=0)"
     assert Entry.parse("cdanet:mmoe=false").label == "cdanet(mmoe=False)"
     tuned = Entry("l2sp", {"pretrain": "all"}, {"method_args.alpha": 0.05}, tag="alpha=0.05")
     cfg = tuned.config(base("data", "runs"), seed=1)
