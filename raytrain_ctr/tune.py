@@ -20,6 +20,7 @@ method shares. An interrupted sweep resumes (``Tuner.restore``) without re-runni
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -168,7 +169,16 @@ def tune_method(cfg: ExperimentConfig, space: dict[str, Any], num_samples: int, 
     lines.append(f"\n{len(trials)} trials, {stopped} stopped early by ASHA")
     if failed:
         lines.append(f"\n{len(failed)} trial(s) failed, e.g. {failed[0].path}: {failed[0].error}")
+    # Tune returns normally on Ctrl-C, with the trials so far: a sweep is done only when every trial it draws is
+    # (one per sample and grid point; the config's own values take the first sample's place)
+    expected = num_samples * math.prod(len(s["grid"]) for s in space.values() if isinstance(s, dict) and "grid" in s)
+    done = grid.num_terminated + grid.num_errors
+    if done < expected:
+        lines.append(f"\ninterrupted: {done} of {expected} trials finished")
     (Path(out) / "tune_results.md").write_text("\n".join(lines) + "\n")
+    if done < expected:
+        raise TuneError(f"the sweep in {out} was interrupted with {done} of its {expected} trials finished; "
+                        f"the same command resumes it (finished trials are kept)")
     return trials
 
 

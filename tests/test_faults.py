@@ -241,6 +241,9 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tiny_dat
     code, out, err = finish(proc)
     before = finished()
     assert 1 <= len(before) < 5, (code, err[-2000:])
+    # not a finished sweep of fewer trials: a benchmark would go on to its next entry on an unequal budget
+    assert code != 0 and re.search(r"was interrupted with \d of its 5 trials finished; the same command resumes it",
+                                   err), (code, err[-2000:])
     code, out, err = finish(cli(*args))
     assert code == 0, err[-3000:]
     after = {p.parent.name: p.read_text() for p in experiment.glob("*/result.json")}
