@@ -69,7 +69,8 @@ def test_tune_two_trials_with_asha_sharing_the_pretraining(tiny_data, ray_local,
     finished = [t for t in trials if t["test_auc"] is not None]
     assert finished and [t for t in again if t["train.lr"] in {f["train.lr"] for f in finished}] == finished
     after = sorted(p.name for p in (tmp_path / "runs" / "stages").iterdir())
-    assert set(stages) <= set(after) and len(after) == len(stages) + len(trials) - len(finished)
+    # a resumed trial commits its stage unless ASHA stops it again
+    assert set(stages) <= set(after) and len(after) <= len(stages) + len(trials) - len(finished)
     assert {p: p.stat().st_mtime_ns for p in committed} == committed  # no committed stage written again
     with pytest.raises(SpecError, match="unknown key 'lrr'; did you mean 'lr'"):
         tune_method(cfg, {"train.lrr": 0.1}, 1, 1, str(tmp_path / "t2"))
