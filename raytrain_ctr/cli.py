@@ -230,7 +230,8 @@ def cmd_tune(a: argparse.Namespace) -> None:
     # reserved until the sweep ends (tune.release_placement_groups frees them then), and a local Ray
     # with 4 logical CPUs stalled after 4 such trials. A local cluster gets room for them.
     init_ray(extra_cpus=a.samples * (cfg.train.workers + 1))
-    trials = tune_method(cfg, load_space(a.space, cfg.method), a.samples, a.max_concurrent, a.out)
+    trials = tune_method(cfg, load_space(a.space, cfg.method), a.samples, a.max_concurrent, a.out,
+                         scheduler=a.scheduler, perturbation_interval=a.perturbation_interval)
     print((Path(a.out) / "tune_results.md").read_text())
     print(f"best: {trials[0] if trials else None}")
 
@@ -441,6 +442,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--space", default=None, help="search-space YAML (default: the method's built-in space)")
     s.add_argument("--samples", type=int, default=8, help="trials (default %(default)s)")
     s.add_argument("--max-concurrent", type=int, default=2, help="trials at once (default %(default)s)")
+    s.add_argument("--scheduler", choices=["asha", "pbt"], default="asha",
+                   help="asha: stop the worse trials early; pbt: population-based training, the worse trials "
+                        "continue from the better ones' checkpoints with perturbed values (run --max-concurrent "
+                        "as large as --samples: PBT's population trains together)")
+    s.add_argument("--perturbation-interval", type=int, default=1, help="PBT: epochs between exploits")
     s.add_argument("--out", default="runs/tune", help="Tune results directory")
     s.set_defaults(func=cmd_tune)
 

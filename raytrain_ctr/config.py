@@ -42,6 +42,7 @@ TRAIN_RULES: dict[str, tuple] = {
     "workers": (int, 1), "shuffle_buffer": (int, 0), "cache_mb": (int, 0), "max_failures": (int, 0),
     "deterministic": (bool,), "fail_once_at_epoch": (int, 0, False, None, True), "tensorboard": (bool,),
     "mlflow": (str, None, False, None, True), "progress": (bool,), "use_gpu": (bool,), "cpus_per_worker": (int, 1),
+    "warm_start": (str, None, False, None, True),
 }
 # settings that do not change a stage's result (resources, tracking, testing aids): left out of its key, so a
 # stage resumes on another worker count (DCP reshards its tables) and tracking can be switched on for a re-run
@@ -49,7 +50,7 @@ NOT_IN_KEY = ("workers", "use_gpu", "cpus_per_worker", "max_failures", "fail_onc
               "mlflow", "progress")
 # settings added after stage keys were first written: at these values (the behaviour before them) they are left
 # out of the key, so every artifact trained before keeps its key
-ADDED_DEFAULTS = {"embedding_l2": 0.0, "select_on": "eval"}
+ADDED_DEFAULTS = {"embedding_l2": 0.0, "select_on": "eval", "warm_start": None}
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,10 @@ class TrainConfig:
     tensorboard: bool = True        # every epoch's metrics as TensorBoard events under STORAGE/tensorboard/
     mlflow: str | None = None       # an MLflow tracking URI: every epoch's metrics to a run per stage
     progress: bool = True           # a progress line per epoch on the driver (rows/s, valid AUC, ETA)
+    warm_start: str | None = None   # an epoch checkpoint of a run of this stage (a local directory holding state.pt
+    #                                 and origin.json) it continues from with this config's hyperparameters: model,
+    #                                 optimizer state, epoch, best-so-far and history (PBT's exploit; in the stage's
+    #                                 key as the checkpoint's origin: the run's artifact and epoch)
 
     def __post_init__(self) -> None:
         for name, rule in TRAIN_RULES.items():

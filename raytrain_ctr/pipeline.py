@@ -42,6 +42,7 @@ from raytrain_ctr.lease import Lease, stage_lease
 from raytrain_ctr.methods import METHODS, Method, Stage, StageContext, get_method
 from raytrain_ctr.runtime import check_workers
 from raytrain_ctr.spec import SpecError, check_keys
+from raytrain_ctr.train.checkpoint import origin
 from raytrain_ctr.train.loop import METRICS_FILE, MODEL_FILE, StageJob, dataset_key, selection_domains, train_stage
 from raytrain_ctr.train.metrics import Activity, MetricsError
 from raytrain_ctr.train.tracking import Progress
@@ -146,6 +147,8 @@ def resolve_stages(cfg: ExperimentConfig, method: Method, dataset: CTRDataset | 
         for k, v in ADDED_DEFAULTS.items():
             if tc[k] == v:
                 tc.pop(k)
+        if "warm_start" in tc:  # the checkpoint's origin, not its path: a content address
+            tc["warm_start"] = warm_origin(st, tc["warm_start"])
         ident = {
             "data": cfg.data if "://" in cfg.data else str(Path(cfg.data).absolute()),
             "method": None if st.plain else [cfg.method, sorted((k, v) for k, v in method.args.items()
@@ -175,6 +178,16 @@ def resolve_stages(cfg: ExperimentConfig, method: Method, dataset: CTRDataset | 
         out[st.name] = Resolved(key, family, dirs)
         keys[st.name] = key
     return out
+
+
+def warm_origin(stage: Stage, directory: str) -> dict:
+    """The origin (artifact, epoch) of the epoch checkpoint a stage is warm-started from, which must be a run of
+    the same stage."""
+    found = origin(directory)
+    if not str(found.get("artifact", "")).startswith(artifact_name(stage, "")):
+        raise SpecError(f"stage '{stage.name}': train.warm_start {directory} is a checkpoint of "
+                        f"{found.get('artifact')}, not of this stage (its artifacts are {artifact_name(stage, 'KEY')})")
+    return found
 
 
 def stage_keys(cfg: ExperimentConfig, method: Method) -> dict[str, str]:

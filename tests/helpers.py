@@ -1,7 +1,12 @@
 """Helpers shared by the tests: whole splits as one batch, a saved model's metrics in one process,
 worker processes on a gloo group."""
 
+import contextlib
+import os
+import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -60,3 +65,27 @@ def spawn(worker, *args, nprocs: int = 2) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(worker, args=(nprocs, port, *args), nprocs=nprocs, join=True)
+
+
+CLI = [sys.executable, "-m", "raytrain_ctr.cli"]
+MODEL = {"backbone": "dcn", "deep": [32, 16], "cross_layers": 2}
+
+
+def write_config(path: Path, data: str, storage: str, method: str, **train) -> Path:
+    train = {"epochs": 1, "batch_size": 1024, "workers": 1, "sparse_lr": 0.05, **train}
+    path.write_text(yaml.safe_dump({"base": {"data": data, "storage": storage, "method": method, "model": MODEL,
+                                             "train": train}}))
+    return path
+
+
+def cli(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
+    return subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})}, start_new_session=True, **kw)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 900) -> tuple[int, str, str]:
+    """Wait for a CLI process; then kill what is left of its process group (the local Ray it started)."""
+    out, err = proc.communicate(timeout=timeout)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, out, err

@@ -2,49 +2,24 @@
 storage, a damaged artifact or checkpoint, a stage resumed on another worker count, and a driver killed
 mid-stage on S3 storage (a real S3 server on loopback) and resubmitted."""
 
-import contextlib
 import json
 import os
 import re
 import signal
 import struct
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import boto3
 import pytest
 import yaml
+from helpers import MODEL, cli, finish, write_config
 
 from raytrain_ctr import pipeline
 from raytrain_ctr.artifacts import ArtifactError, verify
 from raytrain_ctr.cli import main
 from raytrain_ctr.config import from_dict
 from raytrain_ctr.data.dataset import resolve
-
-CLI = [sys.executable, "-m", "raytrain_ctr.cli"]
-MODEL = {"backbone": "dcn", "deep": [32, 16], "cross_layers": 2}
-
-
-def write_config(path: Path, data: str, storage: str, method: str, **train) -> Path:
-    train = {"epochs": 1, "batch_size": 1024, "workers": 1, "sparse_lr": 0.05, **train}
-    path.write_text(yaml.safe_dump({"base": {"data": data, "storage": storage, "method": method, "model": MODEL,
-                                             "train": train}}))
-    return path
-
-
-def cli(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
-    return subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})}, start_new_session=True, **kw)
-
-
-def finish(proc: subprocess.Popen, timeout: float = 900) -> tuple[int, str, str]:
-    """Wait for a CLI process; then kill what is left of its process group (the local Ray it started)."""
-    out, err = proc.communicate(timeout=timeout)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    return proc.returncode, out, err
 
 
 def results(out: str) -> dict:

@@ -212,3 +212,59 @@ def test_a_bad_value_in_a_streamed_split_stops_the_stage_by_name(tiny_data, ray_
                                         r"row 5\) \(a worker stopped at it: domain 'target', train split, a batch"):
         pipeline.run(cfg)
     assert not list((tmp_path / "runs" / "stages").glob("*/model.pt"))
+
+
+def test_warm_start_keeps_the_new_hyperparameters_over_the_saved_moments(tmp_path):
+    """PBT's exploit: the donor's weights, optimizer moments, epoch and history, with the clone's learning rate."""
+    from raytrain_ctr.train.checkpoint import ORIGIN_FILE, STATE_FILE, training_state, warm_start
+
+    torch.manual_seed(0)
+    donor = torch.nn.Linear(4, 1)
+    opt = torch.optim.Adam(donor.parameters(), lr=0.1)
+    donor(torch.randn(8, 4)).sum().backward()
+    opt.step()
+    best = {"auc": 0.7, "valid_auc": 0.7, "epoch": 1, "state": donor.state_dict(), "bad": 0}
+    meta, _ = training_state(donor, [opt], 1, best, [{"epoch": 0}, {"epoch": 1}], step=5)
+    torch.save(meta, tmp_path / STATE_FILE)
+    with pytest.raises(SpecError, match=f"not an epoch checkpoint of a stage .*{ORIGIN_FILE}"):
+        warm_start(torch.nn.Linear(4, 1), [], tmp_path)
+    (tmp_path / ORIGIN_FILE).write_text(json.dumps({"artifact": "plain-abc", "epoch": 1}))
+    clone = torch.nn.Linear(4, 1)
+    clone_opt = torch.optim.Adam(clone.parameters(), lr=0.5, betas=(0.8, 0.9))
+    saved = warm_start(clone, [clone_opt], tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(clone.state_dict().values(), donor.state_dict().values()))
+    assert saved["epoch"] == 1 and saved["step"] == 5 and len(saved["history"]) == 2
+    group = clone_opt.param_groups[0]
+    assert group["lr"] == 0.5 and group["betas"] == (0.8, 0.9)  # the clone's values, not the donor's 0.1
+    for p, q in zip(clone.parameters(), donor.parameters()):
+        assert torch.equal(clone_opt.state[p]["exp_avg"], opt.state[q]["exp_avg"])
+
+
+def test_a_stage_warm_started_from_another_runs_epoch_continues_it(tiny_data, ray_local, tmp_path):
+    """``train.warm_start``: a 3-epoch run started from a 2-epoch run's last epoch checkpoint trains epoch 2 alone
+    and ends where an uninterrupted 3-epoch run ends; its key is the checkpoint's origin (a copy elsewhere is
+    the same stage), and a checkpoint of another stage is refused before training."""
+    import shutil
+
+    cfg = config(tiny_data, str(tmp_path), "target_only", train={"workers": 1, "deterministic": True})
+    first = pipeline.run(cfg)["train"]
+    epoch1 = [p.parent for p in (tmp_path / "_ray").rglob("origin.json")
+              if json.loads(p.read_text())["epoch"] == 1]
+    assert len(epoch1) == 1
+    longer = cfg.with_overrides({"train.epochs": 3})
+    warm = pipeline.run(longer.with_overrides({"train.warm_start": str(epoch1[0])}))["train"]
+    whole = pipeline.run(longer)["train"]
+    assert warm["warm_start"] == {"artifact": Path(first["artifact"]).name, "epoch": 1}
+    assert warm["resumed_from_epoch"] == 2 and [h["epoch"] for h in warm["history"]] == [0, 1, 2]
+    assert [h["valid_auc"] for h in warm["history"][:2]] == [h["valid_auc"] for h in first["history"]]
+    assert warm["history"][2]["valid_auc"] == pytest.approx(whole["history"][2]["valid_auc"], abs=1e-9)
+    assert warm["test_auc"] == pytest.approx(whole["test_auc"], abs=1e-9)
+    assert len({warm["artifact"], whole["artifact"], first["artifact"]}) == 3
+    copy = shutil.copytree(epoch1[0], tmp_path / "elsewhere")
+    method = get_method("target_only")
+    assert (pipeline.stage_keys(longer.with_overrides({"train.warm_start": str(copy)}), method)
+            == pipeline.stage_keys(longer.with_overrides({"train.warm_start": str(epoch1[0])}), method))
+    with pytest.raises(SpecError, match=r"stage 'finetune': train.warm_start .* is a checkpoint of plain-\w+, not of "
+                                        r"this stage \(its artifacts are finetune-KEY\)"):
+        pipeline.run(config(tiny_data, str(tmp_path), "finetune",
+                            stage_train={"finetune": {"warm_start": str(epoch1[0])}}), stage="finetune")

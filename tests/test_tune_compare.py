@@ -1,9 +1,12 @@
 """Ray Tune over config keys with ASHA, and the multi-seed leaderboard."""
 
+import json
 import os
 
 import numpy as np
 import pytest
+import yaml
+from helpers import cli, finish, write_config
 
 from raytrain_ctr.compare import Entry
 from raytrain_ctr.config import from_dict
@@ -157,3 +160,52 @@ def test_a_sensitivity_study_sweeps_one_key_over_seeds(tiny_data, ray_local, tmp
     record = json.loads((tmp_path / "s" / "sensitivity.json").read_text())
     assert record["key"] == "train.sparse_lr" and len(record["runs"]) == 4
     assert (tmp_path / "s" / "sensitivity.png").stat().st_size > 5000
+
+
+def test_pbt_perturbs_only_what_a_clone_can_continue_with(tiny_data):
+    """PBT changes the tuned stage's own keys mid-trial; the tables' width, dropout and a method argument that
+    shapes the parameters (SpotTune's policy width) are drawn once per trial."""
+    from raytrain_ctr.tune import method_space, mutable_keys
+
+    cfg = base(tiny_data, "runs", "spottune")
+    mutable = mutable_keys(cfg, method_space("spottune", {"pretrain": "source"}))
+    assert {"train.lr", "train.sparse_lr", "train.batch_size", "method_args.tau"} <= set(mutable)
+    assert not {"model.embedding_dim", "model.dropout", "method_args.policy_hidden"} & set(mutable)
+    l2sp = mutable_keys(base(tiny_data, "runs", "l2sp"), method_space("l2sp", {"pretrain": "source"}))
+    assert "method_args.alpha" in l2sp  # the fine-tuning stage's alone: its pre-training is plain
+    with pytest.raises(SpecError, match="PBT needs a key it can change mid-trial"):
+        tune_method(cfg, {"model.embedding_dim": {"choice": [8, 16]}}, 2, 2, "unused", scheduler="pbt")
+
+
+def test_a_pbt_sweep_clones_the_better_trials_into_the_worse(tiny_data, tmp_path):
+    """``raytrain-ctr tune --scheduler pbt``: three trials at once, one of them with an embedding learning rate too
+    small to learn; a trial PBT exploits continues from the better trial's epoch checkpoint (its committed stage
+    says which, and its first epochs are the donor's reports) with the donor's values, the learning rate perturbed."""
+    from raytrain_ctr.tune import exploits
+
+    config = write_config(tmp_path / "exp.yaml", tiny_data, str(tmp_path / "runs"), "target_only", epochs=3,
+                          patience=3)
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"train.lr": {"loguniform": [3e-4, 3e-3]},
+                                     "train.sparse_lr": {"grid": [1e-6, 0.01, 0.05]}}))
+    code, out, err = finish(cli("tune", "--config", str(config), "--space", str(space), "--samples", "1",
+                                "--max-concurrent", "3", "--scheduler", "pbt", "--out", str(tmp_path / "tune")))
+    assert code == 0, err[-3000:]
+    table = (tmp_path / "tune" / "tune_results.md").read_text()
+    assert "3 trials, population-based training" in table and "perturbing train.lr);" in table
+    experiment = tmp_path / "tune" / "tune-target_only"
+    done = exploits(experiment)
+    assert done and f"{len(done)} exploits" in table
+    for _, _, _, _, donor, new in done:
+        assert new["train.sparse_lr"] == donor["train.sparse_lr"] and new["train.lr"] != donor["train.lr"]
+    reported = [[json.loads(line) for line in p.read_text().splitlines()] for p in experiment.glob("*/result.json")]
+    epochs = [{r["epoch"]: r["valid_auc"] for r in trial if "epoch" in r} for trial in reported]
+    warm = [m for m in (json.loads(p.read_text()) for p in (tmp_path / "runs" / "stages").glob("*/metrics.json"))
+            if m.get("warm_start")]
+    assert warm, "no trial went on from another's checkpoint"
+    for m in warm:
+        upto = m["warm_start"]["epoch"]
+        took = {h["epoch"]: h["valid_auc"] for h in m["history"] if h["epoch"] <= upto}
+        assert len(took) == upto + 1 and any(all(e.get(k) == v for k, v in took.items()) for e in epochs)
+        assert m["resumed_from_epoch"] == upto + 1 and [h["epoch"] for h in m["history"]] == list(range(3))
+    assert max(max(e.values()) for e in epochs) > 0.58

@@ -7,11 +7,16 @@ with ``torch.distributed.checkpoint`` (DCP), and Ray Train merges the workers'
 checkpoint files into one directory. DCP reshards on load, so a checkpoint restores onto
 another worker count or sharding plan (e.g. 2 workers row-wise → 1 worker table-wise),
 which TorchRec leaves to its users (pytorch/torchrec#2534).
+
+Each epoch checkpoint also names its origin (``origin.json``: the stage's artifact and the epoch), so a
+run that continues from another run's checkpoint (``train.warm_start``, PBT's exploit) has a content
+address: its stage key holds the origin, not a path.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +25,10 @@ from torch import nn
 
 from raytrain_ctr.artifacts import ArtifactError, load_tensors
 from raytrain_ctr.embedding import is_sharded, sharded_collections
+from raytrain_ctr.spec import SpecError
 
 STATE_FILE = "state.pt"
+ORIGIN_FILE = "origin.json"
 SHARDED_DIR = "sharded"
 
 
@@ -83,3 +90,29 @@ def restore(model: nn.Module, optimizers: list[torch.optim.Optimizer], directory
         opt.load_state_dict(st)
     torch.set_rng_state(meta["rng"])
     return meta
+
+
+def origin(directory: str | Path) -> dict:
+    """Which run and epoch an epoch checkpoint is (``origin.json``: ``{"artifact": ..., "epoch": ...}``)."""
+    path = Path(directory) / ORIGIN_FILE
+    if not path.is_file() or not (Path(directory) / STATE_FILE).is_file():
+        raise SpecError(f"train.warm_start: {directory} is not an epoch checkpoint of a stage (it needs "
+                        f"{STATE_FILE} and {ORIGIN_FILE})")
+    return json.loads(path.read_text())
+
+
+def warm_start(model: nn.Module, optimizers: list[torch.optim.Optimizer], directory: str | Path,
+               rebuild: str = "the stage's run with --force") -> dict:
+    """:func:`restore` another run's epoch checkpoint, keeping the hyperparameters the optimizers were built with
+    (learning rates, weight decay, ...: PBT's explored values) over its moments and steps; the fused optimizers
+    of sharded tables too. Returns what :func:`restore` returns, and the checkpoint's ``origin``."""
+    found = origin(directory)
+    fused = [c.fused_optimizer for _, c in sharded_collections(model)] if is_sharded(model) else []
+    chosen = [[{k: v for k, v in g.items() if k != "params"} for g in o.param_groups] for o in [*optimizers, *fused]]
+    saved = restore(model, optimizers, directory, rebuild)
+    for opt, groups in zip([*optimizers, *fused], chosen):
+        for group, values in zip(opt.param_groups, groups):
+            group.update(values)
+    for opt in fused:  # a fused optimizer's step() only hands its param group's lr to the kernel
+        opt.step()
+    return {**saved, "origin": found}

@@ -7,7 +7,8 @@ on validation AUC; at the end the best epoch's model is evaluated on the test sp
 and reported as the stage's artifact.
 
 A restarted worker group (``FailureConfig``) resumes from the last checkpoint: model,
-optimizer state, RNG, best-so-far and history, at the next epoch.
+optimizer state, RNG, best-so-far and history, at the next epoch. A stage given another run's
+epoch checkpoint (``train.warm_start``) starts from it the same way, with its own hyperparameters.
 
 With sharded tables (``model.embedding_backend: torchrec``) every forward pass is a
 collective, so the workers step in lockstep: a worker whose shard ran out steps with an
@@ -43,7 +44,14 @@ from raytrain_ctr.models.backbones import ModelConfig
 from raytrain_ctr.runtime import report
 from raytrain_ctr.spec import DomainSpec, SpecError
 from raytrain_ctr.train import metrics as M
-from raytrain_ctr.train.checkpoint import STATE_FILE, restore, save_sharded, training_state
+from raytrain_ctr.train.checkpoint import (
+    ORIGIN_FILE,
+    STATE_FILE,
+    restore,
+    save_sharded,
+    training_state,
+    warm_start,
+)
 from raytrain_ctr.train.device import place, stage_device, to_device
 from raytrain_ctr.train.state import freeze, load_filtered, train_mode
 from raytrain_ctr.train.step import EmbeddingL2, GroupOptimizer
@@ -264,7 +272,7 @@ def train_stage(config: dict) -> None:
     train_empties = {d: to_device(e.empty(), device) for d, e in train_encoders.items()} if is_sharded(model) else None
 
     start_epoch, best, history, resumed_from = 0, {"auc": -1.0, "epoch": -1, "state": None, "bad": 0}, [], None
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint, saved, warm = ray.train.get_checkpoint(), None, None
     if checkpoint:
         with checkpoint.as_directory() as d:
             if (Path(d) / METRICS_FILE).exists():  # the stage had finished: report its files again
@@ -274,6 +282,10 @@ def train_stage(config: dict) -> None:
                 report({k: v for k, v in files[METRICS_FILE].items() if k != "history"}, files)
                 return
             saved = restore(model, checkpointed, d, job.rebuild)
+    elif tc.warm_start:  # another run's epoch, continued with this config's hyperparameters (PBT's exploit)
+        saved = warm_start(model, checkpointed, tc.warm_start, job.rebuild)
+        warm = saved["origin"]
+    if saved is not None:
         start_epoch, best, history = saved["epoch"] + 1, saved["best"], saved["history"]
         ctx.step = int(saved.get("step", 0))
         resumed_from = start_epoch
@@ -335,7 +347,8 @@ def train_stage(config: dict) -> None:
         for tracker in epoch_trackers:
             tracker.log(metrics, epoch)
         meta, shards = training_state(model, checkpointed, epoch, best, history, ctx.step)
-        report(metrics, {STATE_FILE: meta}, None if shards is None else lambda d, s=shards: save_sharded(s, d))
+        report(metrics, {STATE_FILE: meta, ORIGIN_FILE: {"artifact": job.artifact, "epoch": epoch}},
+               None if shards is None else lambda d, s=shards: save_sharded(s, d))
 
     if best["state"] is not None:
         model.load_state_dict(best["state"])
@@ -343,6 +356,7 @@ def train_stage(config: dict) -> None:
     extra = stage.hooks.artifacts(model, ctx)
     final = {"stage": stage.name, "method": job.method.name, "best_epoch": best["epoch"],
              "valid_auc": best.get("valid_auc", best["auc"]), "resumed_from_epoch": resumed_from, "final": True,
+             **({"warm_start": warm} if warm else {}),
              **({"select_auc": best["auc"], "select_on": list(select)} if select != (eval_domain,) else {}),
              **{f"test_{k}": v for k, v in test.items()}}
     files = {MODEL_FILE: unsharded_state(model), METRICS_FILE: {**final, "history": history}, **extra}
