@@ -229,7 +229,9 @@ def cmd_tune(a: argparse.Namespace) -> None:
     # Measured on Ray 2.60: a trial the scheduler stops leaves its worker group's 1-CPU placement group
     # reserved until the sweep ends (tune.release_placement_groups frees them then), and a local Ray
     # with 4 logical CPUs stalled after 4 such trials. A local cluster gets room for them.
-    init_ray(extra_cpus=a.samples * (cfg.train.workers + 1))
+    # PBT stops and restarts trials (each exploit, and every pause): room for a placement group left at each
+    restarts = 1 + (cfg.train.epochs // a.perturbation_interval if a.scheduler == "pbt" else 0)
+    init_ray(extra_cpus=a.samples * (cfg.train.workers + 1) * restarts)
     trials = tune_method(cfg, load_space(a.space, cfg.method), a.samples, a.max_concurrent, a.out,
                          scheduler=a.scheduler, perturbation_interval=a.perturbation_interval)
     print((Path(a.out) / "tune_results.md").read_text())

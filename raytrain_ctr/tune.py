@@ -32,7 +32,7 @@ from raytrain_ctr import pipeline
 from raytrain_ctr.config import ExperimentConfig
 from raytrain_ctr.methods import get_method
 from raytrain_ctr.spec import SpecError
-from raytrain_ctr.train.checkpoint import origin
+from raytrain_ctr.train.checkpoint import ORIGIN_FILE, origin
 
 # what every method shares, tuned alike for baselines and methods (equal budgets): the learning rates, the tables'
 # width, the batch size, and the regularisation of id-heavy models (the looked-up rows' L2, dropout)
@@ -129,7 +129,9 @@ def _pbt_stage(cfg: ExperimentConfig, stage: str) -> dict:
         warm = restarted.to_directory(tempfile.mkdtemp(prefix="warm-start-"))
         method = get_method(cfg.method, cfg.method_args)
         own = pipeline.artifact_name(method.stage(stage), pipeline.stage_keys(cfg, method))
-        if origin(warm)["artifact"] == own:  # paused, not cloned: the stage resumes its own run's last checkpoint
+        # paused, not cloned: the stage resumes its own run's last checkpoint (a final report's checkpoint has no
+        # origin: its stage is committed, and is replayed)
+        if not (Path(warm) / ORIGIN_FILE).exists() or origin(warm)["artifact"] == own:
             shutil.rmtree(warm, ignore_errors=True)
             warm = None
         else:
@@ -236,6 +238,8 @@ def tune_method(cfg: ExperimentConfig, space: dict[str, Any], num_samples: int, 
 
     if scheduler not in SCHEDULERS:
         raise SpecError(f"scheduler: '{scheduler}' is not one of {list(SCHEDULERS)}")
+    if perturbation_interval < 1:
+        raise SpecError(f"perturbation interval: at least 1 epoch, got {perturbation_interval}")
     for key in space:  # fail before any trial on a key the config does not have
         cfg.with_overrides(tuned_overrides(cfg, {key: _sample_value(space[key])}))
     cfg.dataset()
@@ -272,6 +276,8 @@ def tune_method(cfg: ExperimentConfig, space: dict[str, Any], num_samples: int, 
             trainable, param_space=tuned,
             tune_config=tune.TuneConfig(
                 num_samples=num_samples, scheduler=chosen,
+                # a trial PBT stops must take its stage's thread (and the stage's lease) down with its actor
+                reuse_actors=False,
                 # the config's own values first (a sweep never ends below its starting point on validation), then
                 # seeded samples: the same seed draws the same configurations for every method. The cap on trials
                 # at once goes to the generator: Ray 2.60 ignores TuneConfig's max_concurrent_trials beside one
