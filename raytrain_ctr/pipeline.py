@@ -31,7 +31,6 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import torch
 
 from raytrain_ctr.artifacts import ArtifactError, commit, verify
 from raytrain_ctr.catalog import Catalog
@@ -91,9 +90,7 @@ def check_stage_inputs(cfg: ExperimentConfig, dataset: CTRDataset, method: Metho
         if inp.stage not in earlier:
             raise SpecError(f"stage '{stage.name}' of '{method.name}': input '{name}' reads stage '{inp.stage}', "
                             f"which is not an earlier stage (earlier: {earlier})")
-    specs = {d: dataset.domain(d).spec for d in dataset.domains}
-    with torch.device("meta"):  # shapes only: no memory for (possibly huge) tables on the driver
-        stage.hooks.build(StageContext(stage, specs, cfg.model, method.args))
+    StageContext(stage, dataset.specs(), cfg.model, method.args).dry_build()
 
 
 def window_keys() -> set[str]:
@@ -278,7 +275,7 @@ def run_stage(cfg: ExperimentConfig, method: Method, dataset: CTRDataset, stage:
     name = artifact_name(stage, resolved.key)
     storage = storage_path(cfg, "_ray")
     run_name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}" if fresh else name
-    job = StageJob(cfg=cfg, method=method, stage=stage, specs={d: dataset.domain(d).spec for d in dataset.domains},
+    job = StageJob(cfg=cfg, method=method, stage=stage, specs=dataset.specs(),
                    batch_sizes=batch_sizes(dataset, stage.train_domains, tc.batch_size), inputs=inputs,
                    extra_columns=extra, activity=activity, cached=cached, rebuild=rebuild(cfg, stage.name, command),
                    artifact=name,

@@ -74,7 +74,7 @@ def probe(cfg: ExperimentConfig, k: int = 5, rows: int = 20, pool: int = 20_000,
                                      f"`raytrain-ctr run --config ... --stage translation` with the same config first")
     fs, path = resolve(join(directory, MODEL_FILE))
     ds = cfg.dataset()
-    specs = {d: ds.domain(d).spec for d in ds.domains}
+    specs = ds.specs()
     model = stage.hooks.build(StageContext(stage, specs, replace(cfg.model, embedding_backend="local"), method.args))
     with fs.open_input_file(path) as f:
         model.load_state_dict(torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True))

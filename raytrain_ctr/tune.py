@@ -191,13 +191,11 @@ def mutable_keys(cfg: ExperimentConfig, space: dict[str, Any]) -> list[str]:
     continues from as it is: its ``train.*`` keys, and a method argument that no upstream stage's key holds and
     that leaves the stage's parameter shapes as they are (built on the meta device at the space's ends). The
     others (the tables' width, dropout: the pre-training's too) are drawn once per trial and copied on exploit."""
-    import torch
-
     from raytrain_ctr.methods import StageContext
 
     method = get_method(cfg.method, cfg.method_args)
     upstream = method.stages[:-1]
-    specs = None
+    specs = cfg.dataset().specs()
     out = []
     for key, spec in space.items():
         if not isinstance(spec, dict) or "grid" in spec:
@@ -208,12 +206,10 @@ def mutable_keys(cfg: ExperimentConfig, space: dict[str, Any]) -> list[str]:
         arg = key.removeprefix("method_args.")
         if arg == key or any(not st.plain and (st.args is None or arg in st.args) for st in upstream):
             continue
-        specs = specs or {d: dom.spec for d, dom in ((d, cfg.dataset().domain(d)) for d in cfg.dataset().domains)}
         shapes = []
         for value in _ends(spec):
             m = get_method(cfg.method, {**cfg.method_args, arg: value})
-            with torch.device("meta"):
-                model = m.stages[-1].hooks.build(StageContext(m.stages[-1], specs, cfg.model, m.args))
+            model = StageContext(m.stages[-1], specs, cfg.model, m.args).dry_build()
             shapes.append({k: tuple(v.shape) for k, v in model.state_dict().items()})
         if all(s == shapes[0] for s in shapes):
             out.append(key)

@@ -161,6 +161,10 @@ class CTRDataset:
     def filesystem(self) -> pafs.FileSystem:
         return resolve(self.root)[0]
 
+    def specs(self) -> dict[str, DomainSpec]:
+        """Every domain's spec, by name."""
+        return {name: d.spec for name, d in self.domains.items()}
+
     def domain(self, name: str) -> Domain:
         if name not in self.domains:
             hint = ("; name the data's domains after the roles, or map them in the config: roles: {source: "

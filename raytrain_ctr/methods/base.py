@@ -97,6 +97,11 @@ class StageContext:
         with without_grad([p for g in self.groups.values() for p in g.group.params]):
             yield
 
+    def dry_build(self) -> nn.Module:
+        """The stage's model on the ``meta`` device: shapes only, no memory for (possibly huge) tables."""
+        with torch.device("meta"):
+            return self.stage.hooks.build(self)
+
 
 class StageHooks:
     """A stage's behaviour. The defaults: one backbone over the fields of every domain (the union

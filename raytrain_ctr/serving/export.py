@@ -41,8 +41,7 @@ def served_model(method: Method, stage: Stage, specs: dict[str, DomainSpec], mod
     The model is built on the ``meta`` device and takes ``state``'s tensors as they are (memory-mapped
     ones stay mapped: no copy of the tables is made)."""
     ctx = StageContext(stage, specs, replace(model_cfg, embedding_backend="local"), method.args)
-    with torch.device("meta"):
-        model = stage.hooks.build(ctx)
+    model = ctx.dry_build()
     try:
         model.load_state_dict(state, assign=True)
     except RuntimeError as e:
@@ -97,7 +96,7 @@ def _package(cfg: ExperimentConfig, dataset: CTRDataset, method: Method, st: Sta
     from raytrain_ctr.serving.program import export_program
     from raytrain_ctr.train.loop import MODEL_FILE
 
-    specs = {d: dataset.domain(d).spec for d in dataset.domains}
+    specs = dataset.specs()
     served = served_model(method, st, specs, cfg.model, state, source=join(directory, MODEL_FILE))
     program = export_program(served, example_batch(dataset, st.eval_domain))
     dom = dataset.domain(st.eval_domain)
