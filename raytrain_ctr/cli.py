@@ -230,7 +230,7 @@ def cmd_tune(a: argparse.Namespace) -> None:
     # reserved until the sweep ends (tune.release_placement_groups frees them then), and a local Ray
     # with 4 logical CPUs stalled after 4 such trials. A local cluster gets room for them.
     # PBT stops and restarts trials (each exploit, and every pause): room for a placement group left at each
-    restarts = 1 + (cfg.train.epochs // a.perturbation_interval if a.scheduler == "pbt" else 0)
+    restarts = 1 + (cfg.train.epochs // max(a.perturbation_interval, 1) if a.scheduler == "pbt" else 0)
     init_ray(extra_cpus=a.samples * (cfg.train.workers + 1) * restarts)
     trials = tune_method(cfg, load_space(a.space, cfg.method), a.samples, a.max_concurrent, a.out,
                          scheduler=a.scheduler, perturbation_interval=a.perturbation_interval)

@@ -181,10 +181,12 @@ def warm_origin(stage: Stage, directory: str) -> dict:
     """The origin (artifact, epoch) of the epoch checkpoint a stage is warm-started from, which must be a run of
     the same stage."""
     found = origin(directory)
-    if not str(found.get("artifact", "")).startswith(artifact_name(stage, "")):
+    this = [stage.name, *stage.train_domains, stage.eval_domain]
+    if not str(found.get("artifact", "")).startswith(artifact_name(stage, "")) or found.get("stage", this) != this:
         raise SpecError(f"stage '{stage.name}': train.warm_start {directory} is a checkpoint of "
-                        f"{found.get('artifact')}, not of this stage (its artifacts are {artifact_name(stage, 'KEY')})")
-    return found
+                        f"{found.get('artifact')} (stage {found.get('stage')}), not of this stage (its artifacts are "
+                        f"{artifact_name(stage, 'KEY')}, stage {this})")
+    return {k: found[k] for k in ("artifact", "epoch") if k in found}  # the run's name is not the content
 
 
 def stage_keys(cfg: ExperimentConfig, method: Method) -> dict[str, str]:

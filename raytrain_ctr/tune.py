@@ -43,6 +43,8 @@ COMMON_SPACE: dict[str, Any] = {
 
 
 SCHEDULERS = ("asha", "pbt")
+# the train keys a run can change between epochs and go on (not the optimizer's kind, the epochs, the seed, ...)
+CONTINUABLE = ("lr", "sparse_lr", "weight_decay", "embedding_l2", "batch_size", "sparse_eps", "patience")
 PBT_METRIC = "pbt_valid_auc"  # the validation AUC PBT ranks trials by
 PBT_TIME = "pbt_epochs"  # PBT's clock: the epochs a trial's lineage has trained
 
@@ -107,9 +109,10 @@ def _trial(params: dict[str, Any], base: dict) -> None:
     if result.get("skipped"):  # trained before (an earlier sweep, the same values): replay what it reported
         warm = (result.get("warm_start") or {}).get("epoch", -1)  # the epochs it took over were reported before
         for epoch in result.get("history", []):
-            if epoch["epoch"] > warm:
-                tune.report(epoch)
-        tune.report({k: v for k, v in result.items() if k not in ("history", "skipped", "artifact", "inputs")})
+            if epoch["epoch"] > warm:  # (no checkpoint: PBT clones no trial from a replay)
+                tune.report({**epoch, PBT_METRIC: epoch.get("valid_auc"), PBT_TIME: epoch["epoch"] + 1})
+        final = {k: v for k, v in result.items() if k not in ("history", "skipped", "artifact", "inputs")}
+        tune.report({**final, PBT_METRIC: final.get("valid_auc"), PBT_TIME: 0})
 
 
 def _pbt_stage(cfg: ExperimentConfig, stage: str) -> dict:
@@ -129,19 +132,21 @@ def _pbt_stage(cfg: ExperimentConfig, stage: str) -> dict:
         warm = restarted.to_directory(tempfile.mkdtemp(prefix="warm-start-"))
         method = get_method(cfg.method, cfg.method_args)
         own = pipeline.artifact_name(method.stage(stage), pipeline.stage_keys(cfg, method))
-        # paused, not cloned: the stage resumes its own run's last checkpoint (a final report's checkpoint has no
-        # origin: its stage is committed, and is replayed)
-        if not (Path(warm) / ORIGIN_FILE).exists() or origin(warm)["artifact"] == own:
+        # paused, not cloned (this trial's run, under the key of its values): the stage resumes its own run's last
+        # checkpoint; a final report's checkpoint has no origin: its stage is committed, and is replayed
+        if not (Path(warm) / ORIGIN_FILE).exists() or origin(warm)["artifact"] == own and \
+                origin(warm).get("run") == cfg.run_name:
             shutil.rmtree(warm, ignore_errors=True)
             warm = None
         else:
             cfg = cfg.with_overrides({f"stage_train.{stage}.warm_start": warm})
-    reports: Queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    reports, persisted = (Queue(maxsize=1, actor_options={"num_cpus": 0}) for _ in range(2))
     outcome: dict[str, Any] = {}
 
     def fit() -> None:
         try:
-            outcome["result"] = pipeline.run(cfg, stage=stage, callbacks=[ReportCheckpoints(reports)])[stage]
+            outcome["result"] = pipeline.run(cfg, stage=stage,
+                                             callbacks=[ReportCheckpoints(reports, persisted)])[stage]
         except BaseException as e:  # noqa: BLE001 - raised again in the trial's thread
             outcome["error"] = e
         finally:
@@ -156,6 +161,7 @@ def _pbt_stage(cfg: ExperimentConfig, stage: str) -> dict:
             # PBT's clock: the epochs the trial's lineage has trained (a cloned trial goes on from its donor's)
             epochs = metrics["epoch"] + 1 if "epoch" in metrics and not metrics.get("final") else epochs
             tune.report({**metrics, PBT_METRIC: metrics.get("valid_auc"), PBT_TIME: epochs}, checkpoint=checkpoint)
+            persisted.put(True)
         thread.join()
     finally:
         if warm:
@@ -170,26 +176,29 @@ class EpochPBT(PopulationBasedTraining):
     and is never a time to clone another into it."""
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
-        if result.get("final"):
+        if result.get("final") or not result.get("should_checkpoint"):  # a final report, or a replayed epoch
             return self.CONTINUE
         return super().on_trial_result(tune_controller, trial, result)
 
 
 class ReportCheckpoints(UserCallback):
     """Ray Train's reports, each with its checkpoint, into a queue the Tune trial reads (Ray's
-    ``TuneReportCallback`` passes the metrics alone)."""
+    ``TuneReportCallback`` passes the metrics alone); the stage waits until Tune has persisted the checkpoint
+    (``persisted``), so Ray Train's ``num_to_keep`` never deletes one Tune is still copying."""
 
-    def __init__(self, queue: Any) -> None:
-        self.queue = queue
+    def __init__(self, queue: Any, persisted: Any) -> None:
+        self.queue, self.persisted = queue, persisted
 
     def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
         self.queue.put((metrics[0], checkpoint))
+        self.persisted.get()
 
 
 def mutable_keys(cfg: ExperimentConfig, space: dict[str, Any]) -> list[str]:
     """The keys of ``space`` PBT may change in the middle of a trial: the tuned stage's own, which leave what it
-    continues from as it is: its ``train.*`` keys, and a method argument that no upstream stage's key holds and
-    that leaves the stage's parameter shapes as they are (built on the meta device at the space's ends). The
+    continues from as it is: its ``train.*`` keys in :data:`CONTINUABLE`, and a method argument that no upstream
+    stage's key holds and that leaves the stage's parameter shapes as they are (built on the meta device at the
+    space's ends). The
     others (the tables' width, dropout: the pre-training's too) are drawn once per trial and copied on exploit."""
     from raytrain_ctr.methods import StageContext
 
@@ -201,7 +210,8 @@ def mutable_keys(cfg: ExperimentConfig, space: dict[str, Any]) -> list[str]:
         if not isinstance(spec, dict) or "grid" in spec:
             continue
         if key.startswith("train."):
-            out.append(key)
+            if key.removeprefix("train.") in CONTINUABLE:
+                out.append(key)
             continue
         arg = key.removeprefix("method_args.")
         if arg == key or any(not st.plain and (st.args is None or arg in st.args) for st in upstream):

@@ -254,7 +254,7 @@ def test_a_stage_warm_started_from_another_runs_epoch_continues_it(tiny_data, ra
     longer = cfg.with_overrides({"train.epochs": 3})
     warm = pipeline.run(longer.with_overrides({"train.warm_start": str(epoch1[0])}))["train"]
     whole = pipeline.run(longer)["train"]
-    assert warm["warm_start"] == {"artifact": Path(first["artifact"]).name, "epoch": 1}
+    assert (warm["warm_start"]["artifact"], warm["warm_start"]["epoch"]) == (Path(first["artifact"]).name, 1)
     assert warm["resumed_from_epoch"] == 2 and [h["epoch"] for h in warm["history"]] == [0, 1, 2]
     assert [h["valid_auc"] for h in warm["history"][:2]] == [h["valid_auc"] for h in first["history"]]
     assert warm["history"][2]["valid_auc"] == pytest.approx(whole["history"][2]["valid_auc"], abs=1e-9)
@@ -264,7 +264,8 @@ def test_a_stage_warm_started_from_another_runs_epoch_continues_it(tiny_data, ra
     method = get_method("target_only")
     assert (pipeline.stage_keys(longer.with_overrides({"train.warm_start": str(copy)}), method)
             == pipeline.stage_keys(longer.with_overrides({"train.warm_start": str(epoch1[0])}), method))
-    with pytest.raises(SpecError, match=r"stage 'finetune': train.warm_start .* is a checkpoint of plain-\w+, not of "
-                                        r"this stage \(its artifacts are finetune-KEY\)"):
+    with pytest.raises(SpecError, match=r"stage 'finetune': train.warm_start .* is a checkpoint of plain-\w+ \(stage "
+                                        r"\['train', 'target', 'target'\]\), not of this stage \(its artifacts are "
+                                        r"finetune-KEY"):
         pipeline.run(config(tiny_data, str(tmp_path), "finetune",
                             stage_train={"finetune": {"warm_start": str(epoch1[0])}}), stage="finetune")
