@@ -127,19 +127,20 @@ def _pbt_stage(cfg: ExperimentConfig, stage: str) -> dict:
     from ray import tune
     from ray.util.queue import Queue
 
-    restarted, warm = tune.get_checkpoint(), None
+    restarted, warm, epochs = tune.get_checkpoint(), None, 0
     if restarted is not None:
         warm = restarted.to_directory(tempfile.mkdtemp(prefix="warm-start-"))
         method = get_method(cfg.method, cfg.method_args)
         own = pipeline.artifact_name(method.stage(stage), pipeline.stage_keys(cfg, method))
         # paused, not cloned (this trial's run, under the key of its values): the stage resumes its own run's last
         # checkpoint; a final report's checkpoint has no origin: its stage is committed, and is replayed
-        if not (Path(warm) / ORIGIN_FILE).exists() or origin(warm)["artifact"] == own and \
-                origin(warm).get("run") == cfg.run_name:
+        found = origin(warm) if (Path(warm) / ORIGIN_FILE).exists() else None
+        if found is None or found["artifact"] == own and found.get("run") == cfg.run_name:
             shutil.rmtree(warm, ignore_errors=True)
             warm = None
         else:
             cfg = cfg.with_overrides({f"stage_train.{stage}.warm_start": warm})
+            epochs = found["epoch"] + 1
     reports, persisted = (Queue(maxsize=1, actor_options={"num_cpus": 0}) for _ in range(2))
     outcome: dict[str, Any] = {}
 
@@ -154,7 +155,6 @@ def _pbt_stage(cfg: ExperimentConfig, stage: str) -> dict:
 
     thread = threading.Thread(target=fit, daemon=True, name=f"stage-{stage}")
     thread.start()
-    epochs = origin(warm)["epoch"] + 1 if warm else 0
     try:
         while (item := reports.get()) is not None:
             metrics, checkpoint = item
@@ -198,8 +198,8 @@ def mutable_keys(cfg: ExperimentConfig, space: dict[str, Any]) -> list[str]:
     """The keys of ``space`` PBT may change in the middle of a trial: the tuned stage's own, which leave what it
     continues from as it is: its ``train.*`` keys in :data:`CONTINUABLE`, and a method argument that no upstream
     stage's key holds and that leaves the stage's parameter shapes as they are (built on the meta device at the
-    space's ends). The
-    others (the tables' width, dropout: the pre-training's too) are drawn once per trial and copied on exploit."""
+    space's ends). The others (the tables' width, dropout: the pre-training's too) are drawn once per trial and
+    copied on exploit."""
     from raytrain_ctr.methods import StageContext
 
     method = get_method(cfg.method, cfg.method_args)
