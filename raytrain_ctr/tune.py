@@ -92,6 +92,11 @@ def tuned_overrides(cfg: ExperimentConfig, params: dict[str, Any]) -> dict[str, 
     return {(f"stage_train.{last}.{k[6:]}" if k.startswith("train.") else k): v for k, v in params.items()}
 
 
+def pbt_keyed(metrics: dict[str, Any], epochs: int) -> dict[str, Any]:
+    """A report with PBT's metric and clock (``epochs``: what the trial's lineage has trained; 0 for a final)."""
+    return {**metrics, PBT_METRIC: metrics.get("valid_auc"), PBT_TIME: epochs}
+
+
 def _trial(params: dict[str, Any], base: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -110,9 +115,9 @@ def _trial(params: dict[str, Any], base: dict) -> None:
         warm = (result.get("warm_start") or {}).get("epoch", -1)  # the epochs it took over were reported before
         for epoch in result.get("history", []):
             if epoch["epoch"] > warm:  # (no checkpoint: PBT clones no trial from a replay)
-                tune.report({**epoch, PBT_METRIC: epoch.get("valid_auc"), PBT_TIME: epoch["epoch"] + 1})
+                tune.report(pbt_keyed(epoch, epoch["epoch"] + 1))
         final = {k: v for k, v in result.items() if k not in ("history", "skipped", "artifact", "inputs")}
-        tune.report({**final, PBT_METRIC: final.get("valid_auc"), PBT_TIME: 0})
+        tune.report(pbt_keyed(final, 0))
 
 
 def _pbt_stage(cfg: ExperimentConfig, stage: str) -> dict:
@@ -160,7 +165,7 @@ def _pbt_stage(cfg: ExperimentConfig, stage: str) -> dict:
             metrics, checkpoint = item
             # PBT's clock: the epochs the trial's lineage has trained (a cloned trial goes on from its donor's)
             epochs = metrics["epoch"] + 1 if "epoch" in metrics and not metrics.get("final") else epochs
-            tune.report({**metrics, PBT_METRIC: metrics.get("valid_auc"), PBT_TIME: epochs}, checkpoint=checkpoint)
+            tune.report(pbt_keyed(metrics, epochs), checkpoint=checkpoint)
             persisted.put(True)
         thread.join()
     finally:

@@ -180,7 +180,7 @@ def test_pbt_perturbs_only_what_a_clone_can_continue_with(tiny_data):
 def test_a_pbt_sweep_clones_the_better_trials_into_the_worse(tiny_data, tmp_path):
     """``raytrain-ctr tune --scheduler pbt``: three trials at once, one of them with an embedding learning rate too
     small to learn; a trial PBT exploits continues from the better trial's epoch checkpoint (its committed stage
-    says which, and its first epochs are the donor's reports) with the donor's values, the learning rate perturbed."""
+    says which epoch) with the donor's values, the learning rate perturbed."""
     from raytrain_ctr.tune import exploits
 
     config = write_config(tmp_path / "exp.yaml", tiny_data, str(tmp_path / "runs"), "target_only", epochs=3,
@@ -198,14 +198,10 @@ def test_a_pbt_sweep_clones_the_better_trials_into_the_worse(tiny_data, tmp_path
     assert done and f"{len(done)} exploits" in table
     for _, _, _, _, donor, new in done:
         assert new["train.sparse_lr"] == donor["train.sparse_lr"] and new["train.lr"] != donor["train.lr"]
-    reported = [[json.loads(line) for line in p.read_text().splitlines()] for p in experiment.glob("*/result.json")]
-    epochs = [{r["epoch"]: r["valid_auc"] for r in trial if "epoch" in r} for trial in reported]
-    warm = [m for m in (json.loads(p.read_text()) for p in (tmp_path / "runs" / "stages").glob("*/metrics.json"))
-            if m.get("warm_start")]
+    stages = [json.loads(p.read_text()) for p in (tmp_path / "runs" / "stages").glob("*/metrics.json")]
+    warm = [m for m in stages if m.get("warm_start")]
     assert warm, "no trial went on from another's checkpoint"
-    for m in warm:
-        upto = m["warm_start"]["epoch"]
-        took = {h["epoch"]: h["valid_auc"] for h in m["history"] if h["epoch"] <= upto}
-        assert len(took) == upto + 1  # (matching them to the donor's reports in result.json raced once: open)
+    for m in warm:  # (a clone's first epochs are not matched to the donor's reports: Tune rewrites a restarted
+        upto = m["warm_start"]["epoch"]  # trial's result.json; test_pipeline checks a warm start's continuation)
         assert m["resumed_from_epoch"] == upto + 1 and [h["epoch"] for h in m["history"]] == list(range(3))
-    assert max(max(e.values()) for e in epochs) > 0.58
+    assert max(m["valid_auc"] for m in stages) > 0.58
