@@ -181,7 +181,7 @@ def warm_origin(stage: Stage, directory: str) -> dict:
     """The origin (artifact, epoch) of the epoch checkpoint a stage is warm-started from, which must be a run of
     the same stage."""
     found = origin(directory)
-    this = [stage.name, *stage.train_domains, stage.eval_domain]
+    this = stage.identity
     if not str(found.get("artifact", "")).startswith(artifact_name(stage, "")) or found.get("stage", this) != this:
         raise SpecError(f"stage '{stage.name}': train.warm_start {directory} is a checkpoint of "
                         f"{found.get('artifact')} (stage {found.get('stage')}), not of this stage (its artifacts are "

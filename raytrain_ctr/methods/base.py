@@ -187,6 +187,11 @@ class Stage:
         return self.name.split(".")[0]
 
     @property
+    def identity(self) -> list[str]:
+        """What a checkpoint's ``origin.json`` names the stage by: its name, training domains and eval domain."""
+        return [self.name, *self.train_domains, self.eval_domain]
+
+    @property
     def init_from(self) -> str | None:
         """The upstream stage of the first input (None without inputs)."""
         return next((i.stage for i in self.inputs.values()), None)

@@ -348,8 +348,7 @@ def train_stage(config: dict) -> None:
             tracker.log(metrics, epoch)
         meta, shards = training_state(model, checkpointed, epoch, best, history, ctx.step)
         report(metrics, {STATE_FILE: meta, ORIGIN_FILE: {"artifact": job.artifact, "epoch": epoch,
-                                                        "stage": [stage.name, *stage.train_domains, stage.eval_domain],
-                                                        "run": cfg.run_name}},
+                                                        "stage": stage.identity, "run": cfg.run_name}},
                None if shards is None else lambda d, s=shards: save_sharded(s, d))
 
     if best["state"] is not None:
