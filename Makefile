@@ -37,3 +37,4 @@ bench: setup
 	$(BIN)/python benchmarks/embedding.py
 	$(BIN)/python benchmarks/throughput.py
 	$(BIN)/python benchmarks/memory.py
+	$(BIN)/python benchmarks/stages.py

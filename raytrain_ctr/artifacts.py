@@ -185,7 +185,14 @@ def inventory(storage: str) -> list[Listed]:
     listed = {x.artifact for x in found if x.state == "committed"}
     for info in children(join(root, "_ray")):
         name = info.base_name
-        if name in listed or any(name.startswith(f"{a}-") for a in listed):  # a --force run's, committed
+        if name.startswith("workers-") or name in listed or any(name.startswith(f"{a}-") for a in listed):
+            continue  # a shared worker group's run (its stages are listed by name), or a committed stage's
+        pointer = fs.get_file_info(join(info.path, "latest.json"))
+        if pointer.type == pafs.FileType.File:
+            with fs.open_input_stream(pointer.path) as f:
+                epoch = json.loads(f.read()).get("epoch")
+            found.append(Listed(name, f"training or interrupted (epoch {epoch} checkpointed)", {},
+                                pointer.mtime.timestamp() if pointer.mtime else None, 0))
             continue
         checkpoints = [c for c in children(info.path) if c.base_name.startswith("checkpoint")]
         found.append(Listed(name, f"training or interrupted ({len(checkpoints)} checkpoints)", {},

@@ -20,6 +20,7 @@ import yaml
 
 from raytrain_ctr import pipeline
 from raytrain_ctr.config import ExperimentConfig
+from raytrain_ctr.train.group import SharedWorkerGroup
 
 
 @dataclass(frozen=True)
@@ -84,12 +85,13 @@ def compare(base: ExperimentConfig, entries: list[Entry], seeds: list[int], out:
 
 
 def run_entries(base: ExperimentConfig, entries: list[Entry], seeds: list[int]) -> tuple[list[dict], list[dict]]:
-    """Every (entry, seed) run: the per-entry rows (each metric's values over the seeds) and the runs."""
+    """Every (entry, seed) run, all on one worker group: the per-entry rows (each metric's values over the seeds)
+    and the runs."""
     runs = []
-    for e in entries:
-        for seed in seeds:
+    with SharedWorkerGroup() as group:
+        for e, seed in ((e, seed) for e in entries for seed in seeds):
             cfg = e.config(base, seed)
-            final = pipeline.final_metrics(pipeline.run(cfg), cfg)
+            final = pipeline.final_metrics(pipeline.run(cfg, group=group), cfg)
             runs.append({"entry": e.label, "seed": seed, "artifact": final["artifact"], "valid_auc": final["valid_auc"],
                          **{k: final[k] for k, _, _ in METRICS},
                          **({"by_activity": final["test_by_activity"]} if "test_by_activity" in final else {})})

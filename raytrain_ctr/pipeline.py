@@ -1,4 +1,5 @@
-"""Run a method's stages: one ``TorchTrainer.fit`` per stage, artifacts between stages.
+"""Run a method's stages on one Ray Train worker group (:mod:`raytrain_ctr.train.group`; a stage of a Tune trial
+in its own ``TorchTrainer.fit``), artifacts between stages.
 
 Stage artifacts are content-addressed: ``STORAGE/stages/STAGE-KEY/{model.pt,metrics.json,manifest.json}``
 (committed and verified by :mod:`raytrain_ctr.artifacts`; trained under a lease, :mod:`raytrain_ctr.lease`)
@@ -9,11 +10,11 @@ arguments the stage declares where it is not plain supervised training, freeze r
 windows resolved against the run's ``as_of``, and each input's load rule and upstream artifact).
 So a stage whose artifacts exist is skipped (a
 re-submitted job resumes where it stopped), and Source-only's training is the very
-artifact Fine-Tune, L2-SP and KEEP pre-train from. Inside a stage, Ray Train resumes from
-the last epoch checkpoint (``STORAGE/_ray/STAGE-KEY``). ``STORAGE/RUN/results.json`` maps
-the run's stages to their artifacts. ``stage=NAME`` runs one stage (or one job: the stages ``NAME.*``) alone against its
-upstream artifacts (``force`` re-runs a finished stage from scratch). Finished stages are
-recorded in the artifact catalog (:mod:`raytrain_ctr.catalog`) under their ``as_of`` date, so a
+artifact Fine-Tune, L2-SP and KEEP pre-train from. Inside a stage, a restarted worker group or
+a resubmitted run resumes from the stage's last epoch checkpoint (named in ``STORAGE/_ray/STAGE-KEY/latest.json``).
+``STORAGE/RUN/results.json`` maps the run's stages to their artifacts. ``stage=NAME`` runs one stage (or one
+job: the stages ``NAME.*``) alone against its upstream artifacts (``force`` re-runs a finished stage from scratch).
+Finished stages are recorded in the artifact catalog (:mod:`raytrain_ctr.catalog`) under their ``as_of`` date, so a
 stage's ``latest`` input finds the newest upstream artifact valid as of its own date.
 """
 
@@ -24,17 +25,19 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raytrain_ctr.artifacts import ArtifactError, commit, verify
 from raytrain_ctr.catalog import Catalog
-from raytrain_ctr.config import ADDED_DEFAULTS, NOT_IN_KEY, ExperimentConfig, storage_path
+from raytrain_ctr.config import ADDED_DEFAULTS, NOT_IN_KEY, ExperimentConfig, TrainConfig, storage_path
 from raytrain_ctr.data.dataset import CTRDataset, DataError, join, resolve
 from raytrain_ctr.data.ingest import CachedSplit, ExactlyOnceDataConfig, TimeWindow, read_split, user_clicks
 from raytrain_ctr.lease import Lease, stage_lease
@@ -42,9 +45,10 @@ from raytrain_ctr.methods import METHODS, Method, Stage, StageContext, get_metho
 from raytrain_ctr.runtime import check_workers
 from raytrain_ctr.spec import SpecError, check_keys
 from raytrain_ctr.train.checkpoint import origin
+from raytrain_ctr.train.group import LatestCheckpoint, SharedWorkerGroup
 from raytrain_ctr.train.loop import METRICS_FILE, MODEL_FILE, StageJob, dataset_key, selection_domains, train_stage
 from raytrain_ctr.train.metrics import Activity, MetricsError
-from raytrain_ctr.train.tracking import Progress
+from raytrain_ctr.train.tracking import Progress, progress_line
 from raytrain_ctr.windows import Window
 
 log = logging.getLogger(__name__)
@@ -246,12 +250,10 @@ def diagnostic_columns(dataset: CTRDataset, domain: str, wanted: tuple[str, ...]
 
 def run_stage(cfg: ExperimentConfig, method: Method, dataset: CTRDataset, stage: Stage, resolved: Resolved,
               fresh: bool = False, callbacks: list | None = None, lease: Lease | None = None,
-              command: str | None = None) -> dict:
-    """One ``TorchTrainer.fit``, then the artifact's commit (its files, then its manifest); resumes the stage's
-    last Ray Train checkpoint unless ``fresh``. ``lease``: the stage's, checked before the commit."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
+              command: str | None = None, group: SharedWorkerGroup | None = None) -> dict:
+    """Train the stage, then commit its artifact (its files, then its manifest): on ``group`` (a worker group
+    serving several stages), else in its own ``TorchTrainer.fit`` (with ``callbacks``: Tune's). It resumes its
+    last epoch checkpoint unless ``fresh``. ``lease``: the stage's, checked before the commit."""
     fs, _ = resolve(storage_path(cfg))
     inputs = local_inputs(cfg, stage, resolved, command)
     tc = cfg.train_for(stage.name, stage.overrides)
@@ -274,30 +276,21 @@ def run_stage(cfg: ExperimentConfig, method: Method, dataset: CTRDataset, stage:
     if tc.activity_buckets and dataset.domain(stage.eval_domain).spec.user_id:
         activity = Activity(*user_clicks(dataset, stage.eval_domain, train_window, cache), tc.activity_buckets)
     cached = {k: v for k, v in splits.items() if isinstance(v, CachedSplit)}
+    streamed = {k: v for k, v in splits.items() if k not in cached}
     name = artifact_name(stage, resolved.key)
     storage = storage_path(cfg, "_ray")
     run_name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}" if fresh else name
     job = StageJob(cfg=cfg, method=method, stage=stage, specs=dataset.specs(),
                    batch_sizes=batch_sizes(dataset, stage.train_domains, tc.batch_size), inputs=inputs,
                    extra_columns=extra, activity=activity, cached=cached, rebuild=rebuild(cfg, stage.name, command),
-                   artifact=name,
+                   artifact=name, checkpoints=storage, runs=(run_name,), fresh=fresh,
                    run_dir=str(Path(storage) / run_name) if "://" not in storage else tempfile.mkdtemp())
-    trainer = TorchTrainer(
-        train_stage,
-        train_loop_config={"job": job},
-        scaling_config=ScalingConfig(num_workers=tc.workers, use_gpu=tc.use_gpu,
-                                     resources_per_worker=tc.resources_per_worker),
-        datasets={k: v for k, v in splits.items() if k not in cached},
-        dataset_config=ExactlyOnceDataConfig(),
-        run_config=RunConfig(name=run_name, storage_path=storage,
-                             failure_config=FailureConfig(max_failures=tc.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks or []),
-    )
     try:
-        with Progress(stage.name, tc.epochs) if tc.progress else contextlib.nullcontext() as progress:
-            if progress is not None:
-                trainer.run_config.callbacks.append(progress.callback())
-            result = trainer.fit()
+        if group is not None and not callbacks:
+            _, checkpoint = group.fit(job, streamed, tc, on_epoch=(lambda m: print(
+                progress_line(stage.name, m, tc.epochs), file=sys.stderr, flush=True)) if tc.progress else None)
+        else:
+            _, checkpoint = own_fit(job, streamed, tc, callbacks or [])
     except Exception as e:  # noqa: BLE001 - a worker's data or metrics error is the user's to fix: said plainly
         user = worker_error(e)
         if isinstance(user, DataError):
@@ -305,15 +298,40 @@ def run_stage(cfg: ExperimentConfig, method: Method, dataset: CTRDataset, stage:
         if user is not None:
             raise user from None
         raise
-    if result.checkpoint is None or not (result.metrics or {}).get("final"):
-        raise PipelineError(f"stage '{stage.name}' ended without its final report: {result.error}")
     art = resolve(stage_dir(cfg, stage, resolved.key))[1]
     if lease is not None:
         lease.check()  # a run that lost its lease to another must not commit over it
-    with result.checkpoint.as_directory() as d:  # model.pt, metrics.json and the method's own files
+    with checkpoint.as_directory() as d:  # model.pt, metrics.json and the method's own files
         commit({f.name: f for f in Path(d).iterdir() if f.is_file()}, fs, art,
                {"stage": stage.name, "method": cfg.method, "artifact": name, "config": cfg.to_dict()})
     return _read_json(fs, join(art, METRICS_FILE))
+
+
+def own_fit(job: StageJob, datasets: dict, tc: TrainConfig, callbacks: list) -> tuple[dict, Any]:
+    """The stage in a ``TorchTrainer.fit`` of its own (a Tune trial's: ``callbacks``): its final metrics and
+    checkpoint; it resumes its run's last checkpoint (a run of the same name), else its pointer's."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        train_stage,
+        train_loop_config={"job": job},
+        scaling_config=ScalingConfig(num_workers=tc.workers, use_gpu=tc.use_gpu,
+                                     resources_per_worker=tc.resources_per_worker),
+        datasets=datasets,
+        dataset_config=ExactlyOnceDataConfig(),
+        run_config=RunConfig(name=job.runs[-1], storage_path=job.checkpoints,
+                             failure_config=FailureConfig(max_failures=tc.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             callbacks=[LatestCheckpoint(job.checkpoints), *callbacks]),
+    )
+    with Progress(job.stage.name, tc.epochs) if tc.progress else contextlib.nullcontext() as progress:
+        if progress is not None:
+            trainer.run_config.callbacks.append(progress.callback())
+        result = trainer.fit()
+    if result.checkpoint is None or not (result.metrics or {}).get("final"):
+        raise PipelineError(f"stage '{job.stage.name}' ended without its final report: {result.error}")
+    return result.metrics, result.checkpoint
 
 
 def locate(dataset: CTRDataset, stage: Stage, error: DataError) -> DataError:
@@ -391,7 +409,8 @@ def drop_transient(cfg: ExperimentConfig, method: Method, dataset: CTRDataset, s
 
 
 def run(cfg: ExperimentConfig, stage: str | None = None, force: bool = False,
-        callbacks: list | None = None, command: str | None = None) -> dict[str, dict]:
+        callbacks: list | None = None, command: str | None = None,
+        group: SharedWorkerGroup | None = None) -> dict[str, dict]:
     """Run every stage of ``cfg.method``, or only ``stage``; finished stages are skipped unless ``force``.
 
     A stage trains under its lease (:func:`~raytrain_ctr.lease.stage_lease`): a concurrent run of the same stage
@@ -401,7 +420,9 @@ def run(cfg: ExperimentConfig, stage: str | None = None, force: bool = False,
     Each finished stage is recorded in the artifact catalog under its ``as_of`` date (and the
     stage's older artifacts pruned to its ``keep_last``); a ``transient`` stage's artifact is deleted
     once the stages reading it have theirs, and not trained again while they do. ``callbacks`` go to the Ray Train
-    ``RunConfig`` of the stages that run (Tune's report callback).
+    ``RunConfig`` of the stages that run (Tune's report callback): each stage then has its own ``fit``; without
+    them the stages train one after another on one worker group, ``group`` (a leaderboard's, serving all its
+    runs) or the run's own (:mod:`raytrain_ctr.train.group`).
     """
     dataset = cfg.dataset()
     method = get_method(cfg.method, cfg.method_args)
@@ -414,8 +435,25 @@ def run(cfg: ExperimentConfig, stage: str | None = None, force: bool = False,
     fs.create_dir(run_dir, recursive=True)
     with fs.open_output_stream(join(run_dir, "config.json")) as f:
         f.write(json.dumps(cfg.to_dict(), indent=2, default=str).encode())
-    results, cat = {}, catalog(cfg)
+    results: dict[str, dict] = {}
     train = to_train(cfg, method, dataset, stages, force, named=stage, command=command)
+    with contextlib.ExitStack() as stack:
+        if group is None and not callbacks and train:
+            group = stack.enter_context(SharedWorkerGroup())
+        _run_stages(cfg, method, dataset, stages, train, results, force, callbacks, command, group)
+    drop_transient(cfg, method, dataset, stages)
+    if not results:
+        raise DataError(f"method '{cfg.method}' has no stages")
+    with fs.open_output_stream(join(run_dir, "results.json")) as f:
+        f.write(json.dumps(results, indent=2, default=str).encode())
+    return results
+
+
+def _run_stages(cfg: ExperimentConfig, method: Method, dataset: CTRDataset, stages: list[Stage], train: set[str],
+                results: dict[str, dict], force: bool, callbacks: list | None, command: str | None,
+                group: SharedWorkerGroup | None) -> None:
+    """:func:`run`'s stages in order: each trained (under its lease) or skipped, and recorded in the catalog."""
+    fs, cat = resolve(storage_path(cfg))[0], catalog(cfg)
     for st in stages:
         resolved = resolve_stages(cfg, method, dataset)[st.name]  # after the stages before it: `latest` inputs see them
         directory = stage_dir(cfg, st, resolved.key)
@@ -426,7 +464,7 @@ def run(cfg: ExperimentConfig, stage: str | None = None, force: bool = False,
                 done = not force and committed(cfg, st, resolved.key, command) is not None  # another run's, meanwhile
                 if not done:
                     results[st.name] = run_stage(cfg, method, dataset, st, resolved, fresh=force, callbacks=callbacks,
-                                                 lease=lease, command=command)
+                                                 lease=lease, command=command, group=group)
         if st.name not in results:
             log.info("stage %s: %s", st.name, f"artifact committed at {art}, skipped" if done else
                      "transient, and every stage reading it has its artifact: not trained")
@@ -439,12 +477,6 @@ def run(cfg: ExperimentConfig, stage: str | None = None, force: bool = False,
         cat.record(resolved.family, artifact_name(st, resolved.key), directory, cfg.as_of)
         if st.keep_last:
             cat.prune(resolved.family, st.keep_last)
-    drop_transient(cfg, method, dataset, stages)
-    if not results:
-        raise DataError(f"method '{cfg.method}' has no stages")
-    with fs.open_output_stream(join(run_dir, "results.json")) as f:
-        f.write(json.dumps(results, indent=2, default=str).encode())
-    return results
 
 
 def final_metrics(results: dict[str, dict], cfg: ExperimentConfig) -> dict:

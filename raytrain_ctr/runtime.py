@@ -103,14 +103,14 @@ def check_workers(workers: int, per_worker: dict[str, float] | None = None) -> N
 
 
 def report(metrics: dict, files: dict[str, Any] | None = None,
-           every_worker: Callable[[Path], None] | None = None) -> None:
+           every_worker: Callable[[Path], None] | None = None, directory: str | None = None) -> None:
     """``ray.train.report`` from every worker; rank 0 attaches a checkpoint holding ``files``.
 
     Ray Train V2 keeps only metrics that come with a checkpoint (``Result.metrics``), so
     rank 0 always attaches one, empty if there are no files. ``*.json`` files are written
     as JSON, ``bytes`` as they are (figures), the others with ``torch.save``.
     ``every_worker(dir)`` writes each worker's own files (its table shards); Ray Train
-    merges the workers' files into one checkpoint.
+    merges the workers' files into one checkpoint, in the run's ``directory`` (default: a name of Ray Train's).
     """
     import ray.train
     import torch
@@ -128,4 +128,5 @@ def report(metrics: dict, files: dict[str, Any] | None = None,
                 else:
                     torch.save(obj, Path(tmp, name))
         attach = rank0 or every_worker is not None
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if attach else None)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if attach else None,
+                         checkpoint_dir_name=directory)

@@ -77,7 +77,8 @@ def damaged_files_are_named(cfg, storage: Path, art: Path) -> None:
     (art / "manifest.json").unlink()  # unfinished: the next run restores the stage's last checkpoint, damaged
     for f in [*(storage / "_ray").rglob("state.pt"), *(storage / "_ray").rglob("model.pt")]:
         f.write_bytes(b"garbage")
-    with pytest.raises(ArtifactError, match=rf"{storage}/_ray/{art.name}/.*\.pt: cannot be loaded .*{rebuild}"):
+    with pytest.raises(ArtifactError, match=rf"{storage}/_ray/workers-[^/]+/{art.name}\.1\.\d+/.*\.pt: cannot be "
+                                            rf"loaded .*{rebuild}"):
         pipeline.run(cfg.with_overrides({"train.max_failures": 0}), command=started)
 
 
@@ -98,12 +99,10 @@ def s3_objects(uri: str) -> list[str]:
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
-def registered_checkpoint(uri: str, run: str) -> bool:
-    """Whether Ray Train has recorded a checkpoint of the run in its snapshot: a checkpoint's files in the
-    bucket are not yet one a resubmitted run resumes from (the controller registers it after the upload)."""
-    bucket, _ = s3_location(uri)
-    snapshots = [k for k in s3_objects(uri) if run in k and k.endswith("checkpoint_manager_snapshot.json")]
-    return any(s3_json(f"s3://{bucket}/{k}").get("latest_checkpoint_result") for k in snapshots)
+def registered_checkpoint(uri: str, artifact: str) -> bool:
+    """Whether a checkpoint of the stage is named in its pointer (``_ray/ARTIFACT/latest.json``): a checkpoint's
+    files in the bucket are not yet one a resubmitted run resumes from (the controller names it after the upload)."""
+    return any(k.endswith("/latest.json") and k.split("/")[-2].startswith(artifact) for k in s3_objects(uri))
 
 
 def download(uri: str, to: Path) -> Path:
@@ -148,7 +147,7 @@ def test_on_s3_nothing_finished_is_lost(bucket, tmp_path, capsys):
     assert [float(line.split()[1]) for line in lines] == [pytest.approx(h["valid_auc"]) for h in history]
 
     # Fine-Tune's worker stalls 5 s at its second epoch's first step (then dies once): the kill lands mid-stage,
-    # once Ray Train has registered the first epoch's checkpoint
+    # once the first epoch's checkpoint is registered and named in the stage's pointer
     driver = cli("run", "--config", str(cfg_path), "--set=train.fail_once_at_epoch=1")
     deadline = time.monotonic() + 900
     while not registered_checkpoint(f"{storage}/_ray", "finetune-"):

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 import ray.train
 import torch
 import torch.distributed as dist
@@ -35,6 +36,7 @@ import torch.distributed as dist
 from raytrain_ctr.artifacts import load_tensors
 from raytrain_ctr.batch import Batch
 from raytrain_ctr.config import ExperimentConfig, TrainConfig
+from raytrain_ctr.data.dataset import join, resolve
 from raytrain_ctr.data.encode import FeatureEncoder
 from raytrain_ctr.data.ingest import CachedSplit, iter_domain
 from raytrain_ctr.embedding import is_sharded, shard_model, sharded_parameter_ids, unsharded_state
@@ -60,6 +62,15 @@ from raytrain_ctr.train.tracking import peak_rss_mb, trackers
 
 MODEL_FILE = "model.pt"
 METRICS_FILE = "metrics.json"
+
+
+LATEST_FILE = "latest.json"
+
+
+def latest_pointer(checkpoints: str, artifact: str) -> str:
+    """Where a stage's latest epoch checkpoint is named: ``CHECKPOINTS/ARTIFACT/latest.json`` (the checkpoint's
+    directory relative to ``checkpoints``, its epoch and the run that wrote it)."""
+    return join(checkpoints, artifact, LATEST_FILE)
 
 
 def dataset_key(domain: str, split: str) -> str:
@@ -225,17 +236,45 @@ class StageJob:
     activity: M.Activity | None = None  # the test metrics are also broken down by user activity
     cached: dict[str, CachedSplit] = field(default_factory=dict)  # splits held whole, sliced by rank (no Ray Data)
     rebuild: str = "the stage's run with --force"  # the command that trains the stage afresh (in errors)
-    artifact: str = ""  # the stage's artifact name (its trackers' run name)
+    artifact: str = ""  # the stage's artifact name (its trackers' run name, its checkpoints' pointer)
+    checkpoints: str = ""  # where the stage's Ray Train runs keep their checkpoints (STORAGE/_ray)
+    runs: tuple[str, ...] = ()  # the Ray Train runs the stage has reported to (the last: its current one)
+    fresh: bool = False  # resume only checkpoints of those runs (a forced stage)
+    shared: bool = False  # reported in a run that serves several stages (checkpoints named by the artifact)
 
-    def shards(self) -> dict[str, Any]:
-        """This worker's shard of every split: its slice of a cached table, else its Ray Data iterator."""
+    def shards(self, streams: dict[str, Any] | None = None) -> dict[str, Any]:
+        """This worker's shard of every split: its slice of a cached table, else its Ray Data iterator
+        (``streams``, else the run's ``ray.train.get_dataset_shard``)."""
         ctx = ray.train.get_context()
         rank, world = ctx.get_world_rank(), ctx.get_world_size()
         keys = {dataset_key(d, "train") for d in self.stage.train_domains}
         keys |= {dataset_key(self.stage.eval_domain, s) for s in ("valid", "test")}
         keys |= {dataset_key(d, "valid") for d in selection_domains(self.stage, self.train)}
-        return {k: self.cached[k].shard(rank, world) if k in self.cached else ray.train.get_dataset_shard(k)
-                for k in keys}
+        return {k: self.cached[k].shard(rank, world) if k in self.cached else
+                streams[k] if streams is not None else ray.train.get_dataset_shard(k) for k in keys}
+
+    def resume_point(self) -> ray.train.Checkpoint | None:
+        """The stage's latest epoch checkpoint, by its pointer (:func:`latest_pointer`, written as Ray Train
+        registers each), whichever run wrote it (a fresh stage: its own runs only). None when there is none, or the
+        run that wrote it has since deleted it (``num_to_keep``)."""
+        if not self.checkpoints:
+            return None
+        fs, path = resolve(latest_pointer(self.checkpoints, self.artifact))
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return None
+        with fs.open_input_stream(path) as f:
+            pointer = json.loads(f.read())
+        if self.fresh and pointer.get("run") not in self.runs:
+            return None
+        cfs, root = resolve(self.checkpoints)
+        directory = join(root, pointer["checkpoint"])
+        if cfs.get_file_info(join(directory, STATE_FILE)).type == pafs.FileType.NotFound:
+            return None
+        return ray.train.Checkpoint(directory, filesystem=cfs)
+
+    def checkpoint_name(self, epoch: int | str) -> str | None:
+        """The checkpoint's directory name in a shared run (by the artifact; unique), else Ray Train's own."""
+        return f"{self.artifact}.{epoch}.{time.time_ns()}" if self.shared else None
 
     @property
     def train(self) -> TrainConfig:
@@ -248,8 +287,16 @@ def selection_domains(stage: Stage, tc: TrainConfig) -> tuple[str, ...]:
 
 
 def train_stage(config: dict) -> None:
-    """``train_loop_per_worker`` of a stage: ``config["job"]`` is its :class:`StageJob`."""
+    """``train_loop_per_worker`` of a stage's own ``TorchTrainer``: ``config["job"]`` is its :class:`StageJob`;
+    it resumes its run's last checkpoint (a restarted worker group, a resubmitted run of the same name), else the
+    stage's latest wherever it was written (:meth:`StageJob.resume_point`)."""
     job: StageJob = config["job"]
+    train_job(job, job.shards(), ray.train.get_checkpoint() or job.resume_point())
+
+
+def train_job(job: StageJob, splits: dict[str, Any], checkpoint: ray.train.Checkpoint | None) -> None:
+    """Train one stage on this worker: ``splits`` its shard of each split, ``checkpoint`` the epoch (or finished
+    stage) it resumes from."""
     cfg, stage, specs, tc = job.cfg, job.stage, job.specs, job.train
     torch.manual_seed(tc.seed)
     np.random.seed(tc.seed)
@@ -272,14 +319,15 @@ def train_stage(config: dict) -> None:
     train_empties = {d: to_device(e.empty(), device) for d, e in train_encoders.items()} if is_sharded(model) else None
 
     start_epoch, best, history, resumed_from = 0, {"auc": -1.0, "epoch": -1, "state": None, "bad": 0}, [], None
-    checkpoint, saved, warm = ray.train.get_checkpoint(), None, None
+    saved, warm = None, None
     if checkpoint:
         with checkpoint.as_directory() as d:
             if (Path(d) / METRICS_FILE).exists():  # the stage had finished: report its files again
                 files = {f.name: json.loads(f.read_text()) if f.suffix == ".json" else
                          load_tensors(f, job.rebuild) if f.suffix == ".pt" else
                          f.read_bytes() for f in Path(d).iterdir() if f.is_file()}
-                report({k: v for k, v in files[METRICS_FILE].items() if k != "history"}, files)
+                report({**{k: v for k, v in files[METRICS_FILE].items() if k != "history"}, "artifact": job.artifact},
+                       files, directory=job.checkpoint_name("final"))
                 return
             saved = restore(model, checkpointed, d, job.rebuild)
     elif tc.warm_start:  # another run's epoch, continued with this config's hyperparameters (PBT's exploit)
@@ -294,7 +342,6 @@ def train_stage(config: dict) -> None:
     eval_domain = stage.eval_domain
     select = selection_domains(stage, tc)
 
-    splits = job.shards()
     epoch_trackers = trackers(cfg, job.artifact or stage.name, ray.train.get_context().get_world_rank())
 
     def eval_metrics(split: str, activity: M.Activity | None = None, domain: str = eval_domain) -> dict[str, Any]:
@@ -347,9 +394,10 @@ def train_stage(config: dict) -> None:
         for tracker in epoch_trackers:
             tracker.log(metrics, epoch)
         meta, shards = training_state(model, checkpointed, epoch, best, history, ctx.step)
-        report(metrics, {STATE_FILE: meta, ORIGIN_FILE: {"artifact": job.artifact, "epoch": epoch,
-                                                        "stage": stage.identity, "run": cfg.run_name}},
-               None if shards is None else lambda d, s=shards: save_sharded(s, d))
+        report({**metrics, "artifact": job.artifact},
+               {STATE_FILE: meta, ORIGIN_FILE: {"artifact": job.artifact, "epoch": epoch, "stage": stage.identity,
+                                                "run": cfg.run_name}},
+               None if shards is None else lambda d, s=shards: save_sharded(s, d), directory=job.checkpoint_name(epoch))
 
     if best["state"] is not None:
         model.load_state_dict(best["state"])
@@ -364,4 +412,4 @@ def train_stage(config: dict) -> None:
     for tracker in epoch_trackers:
         tracker.log({k: v for k, v in final.items() if k.startswith("test_")}, best["epoch"])
         tracker.close()
-    report(final, files)
+    report({**final, "artifact": job.artifact}, files, directory=job.checkpoint_name("final"))
