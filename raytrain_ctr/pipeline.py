@@ -283,7 +283,7 @@ def run_stage(cfg: ExperimentConfig, method: Method, dataset: CTRDataset, stage:
     job = StageJob(cfg=cfg, method=method, stage=stage, specs=dataset.specs(),
                    batch_sizes=batch_sizes(dataset, stage.train_domains, tc.batch_size), inputs=inputs,
                    extra_columns=extra, activity=activity, cached=cached, rebuild=rebuild(cfg, stage.name, command),
-                   artifact=name, checkpoints=storage, runs=(run_name,), fresh=fresh,
+                   artifact=name, checkpoints=storage, run=run_name, fresh=fresh,
                    run_dir=str(Path(storage) / run_name) if "://" not in storage else tempfile.mkdtemp())
     try:
         if group is not None and not callbacks:
@@ -320,7 +320,7 @@ def own_fit(job: StageJob, datasets: dict, tc: TrainConfig, callbacks: list) -> 
                                      resources_per_worker=tc.resources_per_worker),
         datasets=datasets,
         dataset_config=ExactlyOnceDataConfig(),
-        run_config=RunConfig(name=job.runs[-1], storage_path=job.checkpoints,
+        run_config=RunConfig(name=job.run, storage_path=job.checkpoints,
                              failure_config=FailureConfig(max_failures=tc.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              callbacks=[LatestCheckpoint(job.checkpoints), *callbacks]),

@@ -67,16 +67,17 @@ def test_a_worker_killed_mid_stage_resumes_the_stage_on_the_restarted_group(tiny
 
 def test_a_stage_on_other_workers_gets_another_group_and_a_fresh_one_resumes_nothing(tiny_data, ray_local,
                                                                                         tmp_path):
-    """A stage that needs two workers after one that needed one: the first group ends, a second starts. A forced
-    (fresh) stage does not resume the latest checkpoint an earlier run left; a failed stage ends its group and the
-    next run resumes it from the latest checkpoint that group wrote."""
+    """A forced (fresh) stage does not resume the latest checkpoint an earlier run left; a stage that needs two
+    workers after one that needed one: the first group ends, a second starts. A failed stage ends its group and
+    the next run resumes it from the latest checkpoint that group wrote."""
     one = config(tiny_data, tmp_path, "target_only", epochs=2)
     with SharedWorkerGroup() as group:
         first = pipeline.run(one, group=group)["train"]
+        forced = pipeline.run(one, force=True, group=group)["train"]
+        assert len(group_runs(tmp_path)) == 1
         two = pipeline.run(config(tiny_data, tmp_path, "target_only", epochs=2, workers=2, seed=3), group=group)
         assert not two["train"].get("skipped")  # (the worker count is not in a stage's key: another seed)
         assert len(group_runs(tmp_path)) == 2
-        forced = pipeline.run(one, force=True, group=group)["train"]
     assert forced["resumed_from_epoch"] is None and [h["epoch"] for h in forced["history"]] == [0, 1]
     assert forced["test_auc"] == pytest.approx(first["test_auc"], abs=1e-6)
 

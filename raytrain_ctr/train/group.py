@@ -58,7 +58,7 @@ class LatestCheckpoint(UserCallback):
         fs, root = resolve(self.checkpoints)
         _, path = resolve(latest_pointer(self.checkpoints, m["artifact"]))
         pointer = {"checkpoint": checkpoint.path[len(root):].lstrip("/"), "epoch": m.get("epoch"),
-                   "run": run_context.get_run_config().name}
+                   "run": run_context.get_run_config().name, "stage_run": m.get("stage_run")}
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         if isinstance(fs, pafs.LocalFileSystem):
             with fs.open_output_stream(path + ".tmp") as f:
@@ -258,12 +258,12 @@ class SharedWorkerGroup:
             if self._run is None:
                 self._run = _Run(scaling)
             run, job_id = self._run, next(self._ids)
-            job = replace(job, runs=(*job.runs, run.name), shared=True,
+            job = replace(job, shared=True,
                           run_dir=job.run_dir if "://" in checkpoints else join(checkpoints, job.artifact))
             ray.get(run.board.post.remote(job_id, job, datasets, data_config))
             while (item := run.reports.get()) is not None:
                 metrics, checkpoint = item
-                if metrics.get("artifact") != job.artifact:
+                if any(metrics.get(k) != v for k, v in job.tags.items()):
                     continue  # a report of an earlier stage the driver has finished with (a restarted group's)
                 if metrics.get("final"):
                     ray.get(run.board.finish.remote(job_id))

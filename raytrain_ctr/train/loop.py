@@ -238,8 +238,8 @@ class StageJob:
     rebuild: str = "the stage's run with --force"  # the command that trains the stage afresh (in errors)
     artifact: str = ""  # the stage's artifact name (its trackers' run name, its checkpoints' pointer)
     checkpoints: str = ""  # where the stage's Ray Train runs keep their checkpoints (STORAGE/_ray)
-    runs: tuple[str, ...] = ()  # the Ray Train runs the stage has reported to (the last: its current one)
-    fresh: bool = False  # resume only checkpoints of those runs (a forced stage)
+    run: str = ""  # this training of the stage (its own Ray Train run's name), the same on any worker group
+    fresh: bool = False  # resume only this training's checkpoints (a forced stage)
     shared: bool = False  # reported in a run that serves several stages (checkpoints named by the artifact)
 
     def shards(self, streams: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -255,7 +255,7 @@ class StageJob:
 
     def resume_point(self) -> ray.train.Checkpoint | None:
         """The stage's latest epoch checkpoint, by its pointer (:func:`latest_pointer`, written as Ray Train
-        registers each), whichever run wrote it (a fresh stage: its own runs only). None when there is none, or the
+        registers each), whichever run wrote it (a fresh stage: only this training's). None when there is none, or the
         run that wrote it has since deleted it (``num_to_keep``)."""
         if not self.checkpoints:
             return None
@@ -264,13 +264,18 @@ class StageJob:
             return None
         with fs.open_input_stream(path) as f:
             pointer = json.loads(f.read())
-        if self.fresh and pointer.get("run") not in self.runs:
+        if self.fresh and pointer.get("stage_run") != self.run:
             return None
         cfs, root = resolve(self.checkpoints)
         directory = join(root, pointer["checkpoint"])
         if cfs.get_file_info(join(directory, STATE_FILE)).type == pafs.FileType.NotFound:
             return None
         return ray.train.Checkpoint(directory, filesystem=cfs)
+
+    @property
+    def tags(self) -> dict[str, str]:
+        """What every report of the stage carries besides its metrics: whose it is (its pointer, the driver)."""
+        return {"artifact": self.artifact, "stage_run": self.run}
 
     def checkpoint_name(self, epoch: int | str) -> str | None:
         """The checkpoint's directory name in a shared run (by the artifact; unique), else Ray Train's own."""
@@ -326,7 +331,7 @@ def train_job(job: StageJob, splits: dict[str, Any], checkpoint: ray.train.Check
                 files = {f.name: json.loads(f.read_text()) if f.suffix == ".json" else
                          load_tensors(f, job.rebuild) if f.suffix == ".pt" else
                          f.read_bytes() for f in Path(d).iterdir() if f.is_file()}
-                report({**{k: v for k, v in files[METRICS_FILE].items() if k != "history"}, "artifact": job.artifact},
+                report({**{k: v for k, v in files[METRICS_FILE].items() if k != "history"}, **job.tags},
                        files, directory=job.checkpoint_name("final"))
                 return
             saved = restore(model, checkpointed, d, job.rebuild)
@@ -394,7 +399,7 @@ def train_job(job: StageJob, splits: dict[str, Any], checkpoint: ray.train.Check
         for tracker in epoch_trackers:
             tracker.log(metrics, epoch)
         meta, shards = training_state(model, checkpointed, epoch, best, history, ctx.step)
-        report({**metrics, "artifact": job.artifact},
+        report({**metrics, **job.tags},
                {STATE_FILE: meta, ORIGIN_FILE: {"artifact": job.artifact, "epoch": epoch, "stage": stage.identity,
                                                 "run": cfg.run_name}},
                None if shards is None else lambda d, s=shards: save_sharded(s, d), directory=job.checkpoint_name(epoch))
@@ -412,4 +417,4 @@ def train_job(job: StageJob, splits: dict[str, Any], checkpoint: ray.train.Check
     for tracker in epoch_trackers:
         tracker.log({k: v for k, v in final.items() if k.startswith("test_")}, best["epoch"])
         tracker.close()
-    report({**final, "artifact": job.artifact}, files, directory=job.checkpoint_name("final"))
+    report({**final, **job.tags}, files, directory=job.checkpoint_name("final"))
