@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+from ray.train import TrainingFailedError, UserCallback
 
 from raytrain_ctr import pipeline
 from raytrain_ctr.config import from_dict
-from raytrain_ctr.train.group import LatestCheckpoint, SharedWorkerGroup
+from raytrain_ctr.train.group import SharedWorkerGroup
 
 
 def config(data: str, storage: Path, method: str, **train):
@@ -32,7 +33,7 @@ def test_stages_and_runs_share_one_worker_group_and_equal_their_own_runs(tiny_da
         again = pipeline.run(config(tiny_data, tmp_path, "finetune"), group=group)
     assert len(group_runs(tmp_path)) == 1  # four stages, one Ray Train run
     assert again["pretrain"]["skipped"] and again["finetune"]["skipped"]
-    assert again["finetune"]["test_auc"] == ft["finetune"]["test_auc"] > 0.55
+    assert ft["finetune"]["test_auc"] > 0.55
     assert seeds[0]["test_auc"] != seeds[1]["test_auc"]  # each run its own seed: a stage is not mistaken for another
     for stage in [*ft.values(), *seeds]:
         pointer = json.loads((tmp_path / "_ray" / Path(stage["artifact"]).name / "latest.json").read_text())
@@ -40,9 +41,8 @@ def test_stages_and_runs_share_one_worker_group_and_equal_their_own_runs(tiny_da
         assert pointer["checkpoint"].startswith(f"{pointer['run']}/{Path(stage['artifact']).name}.1.")
 
     own = tmp_path / "own"
-    # given a callback (here one the stage has anyway), a stage trains in its own fit: Tune's path
-    alone = pipeline.run(config(tiny_data, own, "target_only", seed=1),
-                         callbacks=[LatestCheckpoint(str(own / "_ray"))])["train"]
+    # given a callback (here Ray Train's no-op base class), a stage trains in its own fit: Tune's path
+    alone = pipeline.run(config(tiny_data, own, "target_only", seed=1), callbacks=[UserCallback()])["train"]
     assert not group_runs(own)
     for k in ("test_auc", "test_logloss", "test_gauc", "best_epoch"):
         assert alone[k] == pytest.approx(seeds[0][k], abs=1e-6)
@@ -83,7 +83,7 @@ def test_a_stage_on_other_workers_gets_another_group_and_a_fresh_one_resumes_not
 
     failing = config(tiny_data, tmp_path / "b", "target_only", epochs=3, fail_once_at_epoch=2, max_failures=0)
     with SharedWorkerGroup() as group:
-        with pytest.raises(Exception):  # noqa: B017 - Ray's own error for a worker group out of retries
+        with pytest.raises(TrainingFailedError):  # no retry left: not on a new group either
             pipeline.run(failing, group=group)
         res = pipeline.run(failing, group=group)["train"]  # the marker is left: it does not fail again
     assert len(group_runs(tmp_path / "b")) == 2

@@ -1,19 +1,20 @@
 """One Ray Train worker group for many stages: ``TorchTrainer.fit`` once, stage jobs handed to it in turn.
 
-A Ray Train run costs about 6 s before its train function starts on a warm 2-core cluster (controller,
-placement group, worker processes and their imports, the process group; ``benchmarks/stages.py``): more
-than a small stage's epochs. :class:`SharedWorkerGroup` starts one run whose workers take the stages of a
-method, and a leaderboard's runs, from a :class:`JobBoard` actor one after another. Each stage's reports
-come back to the driver through the controller's callback (:class:`Forward`); the driver commits the
-artifact from the final one, as from a stage's own run (:func:`raytrain_ctr.pipeline.run_stage`).
+An empty ``TorchTrainer.fit`` takes 6–7.7 s on a warm 2-core cluster, 5.2 s of it before its train function
+starts (controller, placement group, worker processes and their imports, the process group), and a stage's
+own fit about 9.6 s besides its epochs (``benchmarks/stages.py``): more than a small stage's epochs.
+:class:`SharedWorkerGroup` starts one run whose workers take the stages of a method, and a leaderboard's
+runs, from a :class:`JobBoard` actor one after another. Each stage's reports come back to the driver
+through the controller's callback (:class:`Forward`); the driver commits the artifact from the final one,
+as from a stage's own run (:func:`raytrain_ctr.pipeline.run_stage`).
 
 Nothing is lost. Every epoch checkpoint is named in the stage's pointer (:class:`LatestCheckpoint`): a
 worker group that ``FailureConfig`` restarts takes the stage it was on again and resumes it there, and a
-later run, shared or not, resumes it the same way. Each stage survives ``train.max_failures`` failures, as in
-a run of its own (the group's run counts all its stages' failures: a stage with failures to spare goes on, from
-its latest checkpoint, on a new group). A stage that needs other workers (count, GPUs, resources, retries)
-gets a new group, the old one ending first. A stage's Ray Data splits are split
-afresh for each worker group that takes it (:meth:`JobBoard.streams`).
+later run, shared or not, resumes it the same way. Each stage survives ``train.max_failures`` failures, as
+in a run of its own: the group's run counts all its stages' failures, so a stage with failures to spare
+goes on, from its latest checkpoint, on a new group allowed what the stage has left. A stage that needs
+other workers (count, GPUs, resources) gets a new group, the old one ending first. A stage's Ray Data
+splits are split afresh for each worker group that takes it (:meth:`JobBoard.streams`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import gc
 import itertools
 import json
 import logging
+import posixpath
 import threading
 import time
 import uuid
@@ -55,18 +57,22 @@ class LatestCheckpoint(UserCallback):
         m = metrics[0] if metrics else {}
         if checkpoint is None or not m.get("artifact") or m.get("final"):
             return
-        fs, root = resolve(self.checkpoints)
-        _, path = resolve(latest_pointer(self.checkpoints, m["artifact"]))
-        pointer = {"checkpoint": checkpoint.path[len(root):].lstrip("/"), "epoch": m.get("epoch"),
-                   "run": run_context.get_run_config().name, "stage_run": m.get("stage_run")}
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        if isinstance(fs, pafs.LocalFileSystem):
-            with fs.open_output_stream(path + ".tmp") as f:
-                f.write(json.dumps(pointer).encode())
-            fs.move(path + ".tmp", path)
-        else:
-            with fs.open_output_stream(path) as f:
-                f.write(json.dumps(pointer).encode())
+        run = run_context.get_run_config().name
+        pointer = {"checkpoint": f"{run}/{posixpath.basename(checkpoint.path.rstrip('/'))}", "epoch": m.get("epoch"),
+                   "run": run, "stage_run": m.get("stage_run")}
+        try:
+            fs, path = resolve(latest_pointer(self.checkpoints, m["artifact"]))
+            fs.create_dir(posixpath.dirname(path), recursive=True)
+            if isinstance(fs, pafs.LocalFileSystem):
+                with fs.open_output_stream(path + ".tmp") as f:
+                    f.write(json.dumps(pointer).encode())
+                fs.move(path + ".tmp", path)
+            else:
+                with fs.open_output_stream(path) as f:
+                    f.write(json.dumps(pointer).encode())
+        except Exception as e:  # noqa: BLE001 - a pointer not written loses a resume point, never the stage
+            log.warning("stage %s: its latest checkpoint (epoch %s) could not be named in %s: %s", m["artifact"],
+                        m.get("epoch"), latest_pointer(self.checkpoints, m["artifact"]), e)
 
 
 class Forward(UserCallback):
@@ -132,22 +138,21 @@ class JobBoard:
 
 
 def serve(config: dict) -> None:
-    """``train_loop_per_worker`` of a shared group: train the board's jobs in turn until it closes."""
+    """``train_loop_per_worker`` of a shared group: train the board's jobs in turn until it closes. Rank 0 takes
+    each job and hands it to the others (every rank trains the same stage)."""
     import ray.train
-    import torch.distributed as dist
+    from ray.train.collective import broadcast_from_rank_zero
 
     from raytrain_ctr.train.loop import train_job
 
     board = config["board"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    attempt = [uuid.uuid4().hex]  # this worker group's, the same on every rank
-    if dist.is_initialized():
-        dist.broadcast_object_list(attempt, src=0)
+    attempt = broadcast_from_rank_zero(uuid.uuid4().hex)  # this worker group's, the same on every rank
     done = -1
-    while (taken := ray.get(board.take.remote(done))) is not None:
+    while (taken := broadcast_from_rank_zero(ray.get(board.take.remote(done)) if rank == 0 else None)) is not None:
         job_id, job = taken
-        streams = ray.get(board.streams.remote(job_id, attempt[0], rank, world))
+        streams = ray.get(board.streams.remote(job_id, attempt, rank, world))
         train_job(job, job.shards(streams), job.resume_point())
         done = job_id
         gc.collect()
@@ -206,13 +211,13 @@ class _Run:
             self.reports.put(None)
 
     def close(self, wait: bool = True) -> None:
-        """Close the board: the workers finish the stage they are on, if any, and the run ends (``wait``: for
-        that; else it ends on its own while the driver unwinds an error)."""
-        with contextlib.suppress(Exception):  # a board whose run has died has nothing to close
-            ray.get(self.board.close.remote())
-        if not wait:
-            return
-        self.thread.join()
+        """Close the board: the workers finish the stage they are on, if any, and the run ends. Without ``wait``
+        (the driver unwinding an error) the run is ended at once: the board and the report queue are killed, so
+        the stage's next report fails the controller's callback and Ray Train stops the workers."""
+        if wait:
+            with contextlib.suppress(Exception):  # a board whose run has died has nothing to close
+                ray.get(self.board.close.remote())
+            self.thread.join()
         for actor in (self.board, self.reports.actor):
             with contextlib.suppress(Exception):
                 ray.kill(actor)
@@ -253,8 +258,9 @@ class SharedWorkerGroup:
         data_config = ExactlyOnceDataConfig(execution_options=options)
         failures = 0
         while True:
-            if self._run is not None and self._run.scaling != scaling:
-                self.close()
+            scaling = replace(scaling, max_failures=tc.max_failures - failures)  # what the stage has left
+            if self._run is not None and (self._run.scaling != scaling or not self._run.thread.is_alive()):
+                self.close()  # other workers, or a run that ended after an earlier stage (its error was that one's)
             if self._run is None:
                 self._run = _Run(scaling)
             run, job_id = self._run, next(self._ids)
@@ -274,8 +280,8 @@ class SharedWorkerGroup:
             with contextlib.suppress(Exception):
                 attempts = ray.get(run.board.attempts.remote(job_id))
             self.close()
-            failures += max(1, attempts)  # each worker group that took the stage failed in it
-            if run.error is None:
+            failures += max(1, attempts)  # each group that took the stage failed in it; one that never took it
+            if run.error is None:  # counts once (a group that cannot start is not retried forever)
                 raise WorkersStopped(f"the worker group stopped during stage '{job.stage.name}'")
             if failures > tc.max_failures:
                 raise run.error  # Ray Train's, naming the workers' failures (pipeline.worker_error reads them)
