@@ -62,14 +62,12 @@ from raytrain_ctr.train.tracking import peak_rss_mb, trackers
 
 MODEL_FILE = "model.pt"
 METRICS_FILE = "metrics.json"
-
-
 LATEST_FILE = "latest.json"
 
 
 def latest_pointer(checkpoints: str, artifact: str) -> str:
     """Where a stage's latest epoch checkpoint is named: ``CHECKPOINTS/ARTIFACT/latest.json`` (the checkpoint's
-    directory relative to ``checkpoints``, its epoch and the run that wrote it)."""
+    directory as ``RUN/NAME`` under ``checkpoints``, its epoch, and the training of the stage that wrote it)."""
     return join(checkpoints, artifact, LATEST_FILE)
 
 
