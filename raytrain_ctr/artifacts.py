@@ -58,6 +58,16 @@ def sha256_of(fs: pafs.FileSystem, path: str) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
+LATEST_FILE = "latest.json"  # a stage's latest epoch checkpoint, by name: STORAGE/_ray/ARTIFACT/latest.json
+GROUP_RUN = "workers-"  # the name prefix of a shared worker group's Ray Train run under STORAGE/_ray
+
+
+def latest_pointer(checkpoints: str, artifact: str) -> str:
+    """Where a stage's latest epoch checkpoint is named: ``CHECKPOINTS/ARTIFACT/latest.json`` (the checkpoint's
+    directory as ``RUN/NAME`` under ``checkpoints``, its epoch, and the training of the stage that wrote it)."""
+    return join(checkpoints, artifact, LATEST_FILE)
+
+
 def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     """Write ``data`` so that a reader sees the old file, no file, or the whole new one."""
     if isinstance(fs, pafs.LocalFileSystem):
@@ -185,9 +195,9 @@ def inventory(storage: str) -> list[Listed]:
     listed = {x.artifact for x in found if x.state == "committed"}
     for info in children(join(root, "_ray")):
         name = info.base_name
-        if name.startswith("workers-") or name in listed or any(name.startswith(f"{a}-") for a in listed):
+        if name.startswith(GROUP_RUN) or name in listed or any(name.startswith(f"{a}-") for a in listed):
             continue  # a shared worker group's run (its stages are listed by name), or a committed stage's
-        pointer = fs.get_file_info(join(info.path, "latest.json"))
+        pointer = fs.get_file_info(join(info.path, LATEST_FILE))
         if pointer.type == pafs.FileType.File:
             with fs.open_input_stream(pointer.path) as f:
                 epoch = json.loads(f.read()).get("epoch")

@@ -33,22 +33,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-import pyarrow.fs as pafs
 import ray
 from ray.train import UserCallback
 
+from raytrain_ctr.artifacts import GROUP_RUN, latest_pointer, write_atomic
 from raytrain_ctr.config import TrainConfig
-from raytrain_ctr.data.dataset import join, resolve
+from raytrain_ctr.data.dataset import resolve
 from raytrain_ctr.data.ingest import ExactlyOnceDataConfig
-from raytrain_ctr.train.loop import StageJob, latest_pointer
+from raytrain_ctr.train.loop import StageJob
 
 log = logging.getLogger(__name__)
 
 
 class LatestCheckpoint(UserCallback):
     """On the Ray Train controller: each registered epoch checkpoint named in its stage's pointer
-    (``CHECKPOINTS/ARTIFACT/latest.json``), so the stage resumes there from any later run (written whole:
-    a local file is renamed into place, an object store's put is atomic)."""
+    (``CHECKPOINTS/ARTIFACT/latest.json``), so the stage resumes there from any later run (written whole)."""
 
     def __init__(self, checkpoints: str) -> None:
         self.checkpoints = checkpoints
@@ -63,13 +62,7 @@ class LatestCheckpoint(UserCallback):
         try:
             fs, path = resolve(latest_pointer(self.checkpoints, m["artifact"]))
             fs.create_dir(posixpath.dirname(path), recursive=True)
-            if isinstance(fs, pafs.LocalFileSystem):
-                with fs.open_output_stream(path + ".tmp") as f:
-                    f.write(json.dumps(pointer).encode())
-                fs.move(path + ".tmp", path)
-            else:
-                with fs.open_output_stream(path) as f:
-                    f.write(json.dumps(pointer).encode())
+            write_atomic(fs, path, json.dumps(pointer).encode())
         except Exception as e:  # noqa: BLE001 - a pointer not written loses a resume point, never the stage
             log.warning("stage %s: its latest checkpoint (epoch %s) could not be named in %s: %s", m["artifact"],
                         m.get("epoch"), latest_pointer(self.checkpoints, m["artifact"]), e)
@@ -187,7 +180,7 @@ class _Run:
         from ray.util.queue import Queue
 
         self.scaling = scaling
-        self.name = f"workers-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        self.name = f"{GROUP_RUN}{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         self.board = JobBoard.remote()
         self.reports = Queue(actor_options={"num_cpus": 0})
         self.error: BaseException | None = None
@@ -252,11 +245,10 @@ class SharedWorkerGroup:
         gets a new group."""
         from ray.data import DataContext
 
-        checkpoints = job.checkpoints
-        scaling = Scaling.of(tc, checkpoints)
+        scaling = Scaling.of(tc, job.checkpoints)
         options = DataContext.get_current().execution_options  # the driver's (preserve_order), as Ray Train does
         data_config = ExactlyOnceDataConfig(execution_options=options)
-        failures = 0
+        job, failures = replace(job, shared=True), 0
         while True:
             scaling = replace(scaling, max_failures=tc.max_failures - failures)  # what the stage has left
             if self._run is not None and (self._run.scaling != scaling or not self._run.thread.is_alive()):
@@ -264,8 +256,6 @@ class SharedWorkerGroup:
             if self._run is None:
                 self._run = _Run(scaling)
             run, job_id = self._run, next(self._ids)
-            job = replace(job, shared=True,
-                          run_dir=job.run_dir if "://" in checkpoints else join(checkpoints, job.artifact))
             ray.get(run.board.post.remote(job_id, job, datasets, data_config))
             while (item := run.reports.get()) is not None:
                 metrics, checkpoint = item

@@ -33,7 +33,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from raytrain_ctr.artifacts import load_tensors
+from raytrain_ctr.artifacts import latest_pointer, load_tensors
 from raytrain_ctr.batch import Batch
 from raytrain_ctr.config import ExperimentConfig, TrainConfig
 from raytrain_ctr.data.dataset import join, resolve
@@ -62,14 +62,6 @@ from raytrain_ctr.train.tracking import peak_rss_mb, trackers
 
 MODEL_FILE = "model.pt"
 METRICS_FILE = "metrics.json"
-LATEST_FILE = "latest.json"
-
-
-def latest_pointer(checkpoints: str, artifact: str) -> str:
-    """Where a stage's latest epoch checkpoint is named: ``CHECKPOINTS/ARTIFACT/latest.json`` (the checkpoint's
-    directory as ``RUN/NAME`` under ``checkpoints``, its epoch, and the training of the stage that wrote it)."""
-    return join(checkpoints, artifact, LATEST_FILE)
-
 
 def dataset_key(domain: str, split: str) -> str:
     return f"{domain}_{split}"
